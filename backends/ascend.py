@@ -1,0 +1,60 @@
+"""The Ascend NPU backend (torch_npu). Minimal for now: eager PyTorch on the NPU.
+
+torch_npu is imported only when this backend is constructed, never at module
+import: on a machine without Ascend's CANN toolkit merely importing it breaks
+`import torch`. Detection looks for the package and the toolkit without
+importing anything. Device facts: fused attention takes at most 16 query
+tokens per request (so gamma + 1 <= 16), ACL graphs need captured sequence
+lengths updated before each replay (the backends issue adds graph mode).
+"""
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from .base import Backend, BackendUnavailableError
+
+_TOOLKIT_ENV = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_OPP_PATH")
+_TOOLKIT_DIRS = ("/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend/cann")
+
+
+class AscendBackend(Backend):
+    name = "ascend"
+    device_type = "npu"
+    default_dtype = torch.bfloat16
+    max_query_tokens_per_request = 16
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        if importlib.util.find_spec("torch_npu") is None:
+            return "the torch_npu package is not installed (pip install 'dspark[ascend]' on a machine with CANN)"
+        if not any(os.environ.get(v) for v in _TOOLKIT_ENV) and not any(os.path.isdir(d) for d in _TOOLKIT_DIRS):
+            return ("Ascend's CANN toolkit was not found (source /usr/local/Ascend/ascend-toolkit/set_env.sh, "
+                    "or set ASCEND_TOOLKIT_HOME)")
+        if not any(name.startswith("davinci") for name in _dev_entries()):
+            return "no Ascend NPU device (/dev/davinci*) is visible"
+        return None
+
+    def __init__(self, device_index: int = 0):
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"backend 'ascend' is unavailable: {reason}")
+        try:
+            self.torch_npu = importlib.import_module("torch_npu")
+        except Exception as exc:  # a broken toolkit raises many kinds of errors
+            raise BackendUnavailableError(f"backend 'ascend': importing torch_npu failed: {exc}") from exc
+        if not torch.npu.is_available():
+            raise BackendUnavailableError("backend 'ascend': torch_npu imported but reports no usable NPU")
+        super().__init__(device_index)
+
+    def synchronize(self) -> None:
+        torch.npu.synchronize(self.device)
+
+
+def _dev_entries() -> list[str]:
+    try:
+        return os.listdir("/dev")
+    except OSError:
+        return []

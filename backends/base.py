@@ -1,0 +1,104 @@
+"""The Backend interface: every device fact and device choice in one class.
+
+Generic code (models, engine, scheduler) never names a device. It asks the
+backend: which torch device, which default dtype, whether graphs are
+supported, how many query tokens one request may verify in a forward, how to
+synchronise, and which implementation of the draft / verify / schedule
+operations to run. The base class implements the operations with the pure
+reference functions in `dspark.ops`; a device backend overrides what it can
+do faster and the conformance suite checks it against these.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (package, toolkit or device missing)."""
+
+
+class Backend:
+    # --- device facts (class attributes, overridden per device) ---
+    name: str = "base"
+    device_type: str = "cpu"
+    default_dtype: torch.dtype = torch.float32
+    supports_graphs: bool = False
+    # Query tokens one request may carry in a single verify forward (anchor
+    # included); None = unlimited. Ascend's fused attention takes at most 16.
+    max_query_tokens_per_request: Optional[int] = None
+
+    def __init__(self, device_index: int = 0):
+        self.device = torch.device(self.device_type, device_index) if self.device_type != "cpu" \
+            else torch.device("cpu")
+        # Device -> host copies made through `to_host` (the engine reports them per round).
+        self.host_syncs = 0
+
+    # --- detection (must not initialise a device) ---
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """None when this backend can run here, else what is missing and how to fix it."""
+        return None
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return cls.unavailable_reason() is None
+
+    # --- synchronisation and transfers ---
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on the CPU)."""
+
+    def to_host(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The one device -> host copy of a round: all tensors the host needs, together."""
+        self.host_syncs += 1
+        return tuple(t.to("cpu") for t in tensors)
+
+    def max_verify_len(self, gamma: int) -> int:
+        """Largest number of drafted tokens a request may verify (the anchor takes one query slot)."""
+        if self.max_query_tokens_per_request is None:
+            return gamma
+        return min(gamma, self.max_query_tokens_per_request - 1)
+
+    # --- kernels used by the models ---
+    def attention(
+        self,
+        query: torch.Tensor,  # [R, H, Q, D]
+        key: torch.Tensor,    # [R, KVH, K, D]
+        value: torch.Tensor,  # [R, KVH, K, D]
+        mask: torch.Tensor,   # [R, 1, Q, K] bool, True = may attend
+        scale: float,
+    ) -> torch.Tensor:        # [R, H, Q, D]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                              enable_gqa=query.shape[1] != key.shape[1])
+
+    # --- the operator interface (reference implementations) ---
+    def sampling_probs(self, logits, temperature, top_k, top_p):
+        return ops.sampling_probs(logits, temperature, top_k, top_p)
+
+    def sample(self, probs, uniforms):
+        return ops.sample_from_probs(probs, uniforms)
+
+    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None):
+        return ops.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition)
+
+    def verify(self, draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms):
+        return ops.verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms)
+
+    def schedule(self, mode, gamma, confidence, num_requests, **options):
+        return ops.schedule(mode, gamma, confidence, num_requests,
+                            max_verify_len=self.max_verify_len(gamma), device=self.device, **options)
+
+    # --- reporting ---
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "device": str(self.device),
+            "default_dtype": str(self.default_dtype).replace("torch.", ""),
+            "supports_graphs": self.supports_graphs,
+            "max_query_tokens_per_request": self.max_query_tokens_per_request,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device})"

@@ -1,0 +1,41 @@
+"""The CUDA backend (NVIDIA GPUs). Minimal for now: eager PyTorch on the GPU.
+
+Graph capture and Triton kernels arrive with the backends issue; `triton` is
+imported lazily inside those kernels only.
+"""
+from typing import Optional
+
+import torch
+
+from .base import Backend, BackendUnavailableError
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    default_dtype = torch.bfloat16
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        if torch.version.cuda is None:
+            return (f"this PyTorch build ({torch.__version__}) has no CUDA support; "
+                    "install a CUDA build of torch or choose DSPARK_BACKEND=cpu")
+        # device_count() asks the driver without creating a context.
+        if torch.cuda.device_count() == 0:
+            return "no NVIDIA GPU is visible (check the driver, nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        return None
+
+    def __init__(self, device_index: int = 0):
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"backend 'cuda' is unavailable: {reason}")
+        super().__init__(device_index)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["device_name"] = torch.cuda.get_device_name(self.device)
+        info["cuda"] = torch.version.cuda
+        return info

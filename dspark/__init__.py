@@ -1,0 +1,1 @@
+"""dspark: lossless DSpark speculative decoding (placeholder; filled in below)."""

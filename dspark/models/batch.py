@@ -1,0 +1,107 @@
+"""The description of one flattened, variable-length forward, and the static KV cache.
+
+A step packs the tokens of R requests into one flat sequence of N tokens:
+request r contributes query_lens[r] consecutive positions starting at
+start_positions[r] (its current cache length). Prefill (a whole prompt),
+plain decode (1 token) and verification (anchor + l drafts) are the same
+shape of work, so one forward serves them all, with no loop over requests.
+
+Example: requests with cache lengths [5, 9] verifying 3 and 1 tokens:
+    input_ids     = [a0 a1 a2 | b0]        (N = 4)
+    positions     = [5  6  7  | 9]
+    token_rows    = [0  0  0  | 1]
+    token_offsets = [0  1  2  | 0]
+    cu_query_lens = [0, 3, 4]
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor      # [N] long
+    positions: torch.Tensor      # [N] long, absolute position of each token
+    token_rows: torch.Tensor     # [N] long, request row (0..R-1) of each token
+    token_offsets: torch.Tensor  # [N] long, index of the token inside its request's query
+    token_slots: torch.Tensor    # [N] long, KV-cache slot of each token
+    slots: torch.Tensor          # [R] long, KV-cache slot of each request
+    start_positions: torch.Tensor  # [R] long, cache length before this step
+    query_lens: torch.Tensor     # [R] long
+    cu_query_lens: torch.Tensor  # [R + 1] long, offsets of each request in the flat batch
+    max_query_len: int
+    max_kv_len: int              # max over requests of start + query_len
+
+    @property
+    def num_requests(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    def last_token_indices(self) -> torch.Tensor:
+        """[R] flat index of each request's last token (where prefill reads its logits)."""
+        return self.cu_query_lens[1:] - 1
+
+    @classmethod
+    def build(cls, token_lists: Sequence[Sequence[int]], start_positions: Sequence[int],
+              slots: Sequence[int], device: torch.device) -> "StepBatch":
+        assert len(token_lists) == len(start_positions) == len(slots)
+        query_lens = [len(tokens) for tokens in token_lists]
+        assert all(n > 0 for n in query_lens), "every request in a step needs at least one token"
+        flat, positions, rows, offsets, token_slots = [], [], [], [], []
+        for row, (tokens, start, slot) in enumerate(zip(token_lists, start_positions, slots)):
+            flat.extend(tokens)
+            positions.extend(range(start, start + len(tokens)))
+            rows.extend([row] * len(tokens))
+            offsets.extend(range(len(tokens)))
+            token_slots.extend([slot] * len(tokens))
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            input_ids=tensor(flat), positions=tensor(positions), token_rows=tensor(rows),
+            token_offsets=tensor(offsets), token_slots=tensor(token_slots), slots=tensor(list(slots)),
+            start_positions=tensor(list(start_positions)), query_lens=tensor(query_lens), cu_query_lens=tensor(cu),
+            max_query_len=max(query_lens),
+            max_kv_len=max(s + n for s, n in zip(start_positions, query_lens)),
+        )
+
+    @classmethod
+    def make_dummy(cls, num_requests: int, query_len: int, start: int, device: torch.device) -> "StepBatch":
+        """A batch of R requests with `query_len` zero tokens each at `start` (warm-up, tests)."""
+        return cls.build([[0] * query_len] * num_requests, [start] * num_requests, list(range(num_requests)), device)
+
+
+class KVCache:
+    """Preallocated keys and values for `num_slots` requests of up to `max_len` positions.
+
+    The cache stores no lengths of its own: a request's length is a number the
+    engine keeps. Rolling back rejected tokens means not advancing that number;
+    the stale entries past it are overwritten by the next step and are never
+    attended to, because a query at position p only sees keys at positions <= p.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.num_slots = num_slots
+
+    def write(self, layer: int, token_slots: torch.Tensor, positions: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [N, KVH, D] written at (token_slots[i], positions[i])."""
+        self.k[layer, token_slots, positions] = k.to(self.k.dtype)
+        self.v[layer, token_slots, positions] = v.to(self.v.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) for each slot: 2 x [R, length, KVH, D]."""
+        return self.k[layer, slots, :length], self.v[layer, slots, :length]

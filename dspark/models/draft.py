@@ -1,0 +1,360 @@
+"""DSpark-family drafts: the parallel backbone with KV injection, plus optional heads.
+
+Paper §2 (Eq. 2-3) and §3.1. Target features from m layers are fused per
+position, ctx = RMSNorm(W_c [H_l1; ...; H_lm]) (`fc`, `hidden_norm`); every draft
+layer takes queries from the block only and keys/values from [ctx; block],
+bidirectional inside the block. Context keys/values are cached per request
+(appended as positions are verified); the block is recomputed each round.
+Block layouts: anchor-as-first (DSpark: [x0, MASK x (gamma-1)] -> gamma
+predictions) or anchor + gamma masks (DFlash: predictions at the mask slots).
+The anchor's own context features are never visible to its block: the anchor
+has not been through the target yet, so the context ends just before it.
+"""
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import CheckpointError, DraftMismatchError
+from .batch import KVCache
+from .config import RopeConfig, TargetConfig
+from .heads import MARKOV_HEADS, ConfidenceHead
+from .layers import MLP, RMSNorm, Rotary, apply_rope
+
+DSPARK_ARCHITECTURE = "Qwen3DSparkModel"
+
+
+def default_target_layer_ids(num_target_layers: int, count: int = 5) -> list[int]:
+    """`count` layers evenly spaced from 1 to L - 3 (the last layers are never used).
+    Qwen3-4B (36 layers) -> [1, 9, 17, 25, 33], as in the DSpark release."""
+    high = num_target_layers - 3 if num_target_layers >= 5 else max(0, num_target_layers - 2)
+    low = min(1, high)
+    count = max(1, min(count, high - low + 1))
+    if count == 1:
+        return [high]
+    return sorted({round(low + i * (high - low) / (count - 1)) for i in range(count)})
+
+
+@dataclass
+class DraftConfig:
+    """Everything that shapes a draft. Saved inside its config.json (DeepSpec field names)."""
+    algorithm: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    target_layer_ids: list
+    num_target_layers: int
+    mask_token_id: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    block_size: int = 7
+    num_anchors: int = 512
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    anchor_as_first: bool = True
+    # Per-position STS temperatures on the confidence logit (None = uncalibrated).
+    confidence_temperatures: Optional[list] = None
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEADS:
+            raise ValueError(f"unknown markov_head_type {self.markov_head_type!r}; valid: {', '.join(MARKOV_HEADS)}")
+        if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank <= 0:
+            raise ValueError("confidence_head_with_markov needs a Markov head (markov_rank > 0)")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+        for layer_id in self.target_layer_ids:
+            if not -1 <= layer_id < self.num_target_layers:
+                raise ValueError(f"target layer id {layer_id} is outside [-1, {self.num_target_layers - 1}]")
+
+    # The HF-style config.json: the target's config with the draft's own fields on top.
+    def to_hf(self, base: Optional[dict] = None) -> dict:
+        hf = dict(base or {})
+        hf.update({
+            "architectures": [DSPARK_ARCHITECTURE],
+            "dspark_algorithm": self.algorithm,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_theta": self.rope.theta, "rope_type": self.rope.type,
+                                **({"factor": self.rope.factor} if self.rope.type != "default" else {})},
+            "block_size": self.block_size,
+            "target_layer_ids": list(self.target_layer_ids),
+            "num_target_layers": self.num_target_layers,
+            "mask_token_id": self.mask_token_id,
+            "num_anchors": self.num_anchors,
+            "markov_rank": self.markov_rank,
+            "markov_head_type": self.markov_head_type,
+            "enable_confidence_head": self.enable_confidence_head,
+            "confidence_head_with_markov": self.confidence_head_with_markov,
+            "anchor_as_first": self.anchor_as_first,
+            "confidence_temperatures": self.confidence_temperatures,
+        })
+        hf.pop("rope_theta", None)
+        hf.pop("rope_scaling", None)
+        return hf
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "DraftConfig":
+        try:
+            hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            markov_rank = int(hf.get("markov_rank", 0) or 0)
+            confidence = bool(hf.get("enable_confidence_head", False))
+            algorithm = hf.get("dspark_algorithm") or ("dspark" if markov_rank > 0 or confidence else "dflash")
+            cfg = cls(
+                algorithm=algorithm,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                target_layer_ids=[int(i) for i in hf["target_layer_ids"]],
+                num_target_layers=int(hf.get("num_target_layers", 0)),
+                mask_token_id=int(hf["mask_token_id"]),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope=RopeConfig.from_hf(hf),
+                block_size=int(hf.get("block_size", 7)),
+                num_anchors=int(hf.get("num_anchors", 512)),
+                markov_rank=markov_rank,
+                markov_head_type=hf.get("markov_head_type", "vanilla") or "vanilla",
+                enable_confidence_head=confidence,
+                confidence_head_with_markov=bool(hf.get("confidence_head_with_markov", False)) and confidence,
+                anchor_as_first=bool(hf.get("anchor_as_first", algorithm != "dflash")),
+                confidence_temperatures=hf.get("confidence_temperatures"),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"{source}: draft field {exc.args[0]!r} is missing") from None
+        if cfg.num_target_layers == 0:
+            cfg.num_target_layers = max(cfg.target_layer_ids) + 3
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        return cfg
+
+
+@dataclass
+class DraftProposal:
+    tokens: torch.Tensor                # [R, gamma] long
+    probs: torch.Tensor                 # [R, gamma, V] the distributions the tokens were sampled from
+    confidence: Optional[torch.Tensor]  # [R, gamma] conditional survival c_k, None without a confidence head
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def keys_values(self, x, cos, sin):
+        """K (normed, rotated) and V of x: [..., d] -> 2 x [..., KVH, D]."""
+        shape = x.shape[:-1] + (self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
+        return k, self.v_proj(x).view(shape)
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask, backend):
+        """x: [R, T, d] block; ctx_k/ctx_v: [R, L, KVH, D]; ctx_mask: [R, L] bool."""
+        r, t, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(r, t, self.num_heads, self.head_dim)), cos, sin)
+        k_blk, v_blk = self.keys_values(x, cos, sin)
+        keys = torch.cat([ctx_k.to(x.dtype), k_blk], dim=1)       # [R, L + T, KVH, D]
+        values = torch.cat([ctx_v.to(x.dtype), v_blk], dim=1)
+        mask = torch.cat([ctx_mask.unsqueeze(1).expand(r, t, -1),
+                          ctx_mask.new_ones(r, t, t)], dim=-1)     # [R, T, L + T]
+        out = backend.attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                mask.unsqueeze(1), self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(r, t, self.num_heads * self.head_dim))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.self_attn = DraftAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DSparkDraft(nn.Module):
+    """Parallel backbone + optional Markov head + optional confidence head."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        d = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.fc = nn.Linear(len(cfg.target_layer_ids) * d, d, bias=False)
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        self.markov_head = (MARKOV_HEADS[cfg.markov_head_type](cfg.vocab_size, cfg.markov_rank, d)
+                            if cfg.markov_rank > 0 else None)
+        self.confidence_head = None
+        if cfg.enable_confidence_head:
+            self.confidence_head = ConfidenceHead(d + (cfg.markov_rank if cfg.confidence_head_with_markov else 0))
+
+    @property
+    def gamma(self) -> int:
+        return self.config.block_size
+
+    def make_cache(self, num_slots: int, max_len: int, dtype, device) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+
+    @torch.no_grad()
+    def append_context(self, cache: KVCache, token_slots, positions, target_hidden) -> None:
+        """Cache the context keys/values of verified positions. target_hidden: [N, m * d]."""
+        ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))  # [N, d]
+        cos, sin = self.rotary(positions, ctx.dtype)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.keys_values(ctx, cos, sin)
+            cache.write(i, token_slots, positions, k, v)
+
+    def backbone(self, anchor_ids, start_positions, slots, cache: KVCache, backend):
+        """One parallel pass over the block. Returns (hidden [R, gamma, d] after the final norm,
+        base logits U [R, gamma, V])."""
+        cfg = self.config
+        block_len = cfg.block_size if cfg.anchor_as_first else cfg.block_size + 1
+        r = anchor_ids.shape[0]
+        ids = torch.full((r, block_len), cfg.mask_token_id, dtype=torch.long, device=anchor_ids.device)
+        ids[:, 0] = anchor_ids
+        offsets = torch.arange(block_len, device=anchor_ids.device)
+        positions = start_positions.unsqueeze(1) + offsets                        # [R, T]
+        x = self.embed_tokens(ids)                                                # [R, T, d]
+        cos, sin = self.rotary(positions, x.dtype)
+        ctx_len = max(int(start_positions.max()), 1)
+        ctx_mask = torch.arange(ctx_len, device=x.device).unsqueeze(0) < start_positions.unsqueeze(1)  # [R, L]
+        for i, layer in enumerate(self.layers):
+            ctx_k, ctx_v = cache.read(i, slots, ctx_len)
+            x = layer(x, cos, sin, ctx_k, ctx_v, ctx_mask, backend)
+        hidden = self.norm(x if cfg.anchor_as_first else x[:, 1:])
+        return hidden, self.lm_head(hidden)
+
+    def confidence(self, hidden, prev_ids) -> Optional[torch.Tensor]:
+        """c_k for each position, after STS temperatures when calibrated: [R, gamma] in (0, 1)."""
+        if self.confidence_head is None:
+            return None
+        features = hidden
+        if self.config.confidence_head_with_markov:
+            features = torch.cat([hidden, self.markov_head.prev_embeddings(prev_ids).to(hidden.dtype)], dim=-1)
+        logits = self.confidence_head(features).float()
+        if self.config.confidence_temperatures:
+            logits = logits / torch.tensor(self.config.confidence_temperatures, device=logits.device)
+        return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def propose(self, anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p):
+        """Draft one block per request. anchor_ids, start_positions, slots: [R]; uniforms: [R, gamma]."""
+        hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend)
+        transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
+        tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
+                                                temperature, top_k, top_p, transition)
+        return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(hidden, prev_ids))
+
+
+# --- the algorithm registry ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DraftAlgorithm:
+    name: str
+    description: str
+    defaults: dict
+    model_class: type
+
+
+DRAFT_ALGORITHMS: dict[str, DraftAlgorithm] = {}
+
+
+def register_draft_algorithm(algorithm: DraftAlgorithm) -> None:
+    DRAFT_ALGORITHMS[algorithm.name] = algorithm
+
+
+def draft_algorithm(name: str) -> DraftAlgorithm:
+    if name not in DRAFT_ALGORITHMS:
+        raise ValueError(f"unknown draft algorithm {name!r}; valid: {', '.join(DRAFT_ALGORITHMS)}")
+    return DRAFT_ALGORITHMS[name]
+
+
+register_draft_algorithm(DraftAlgorithm(
+    "dspark", "parallel backbone + Markov head + confidence head (DSpark)",
+    dict(markov_rank=256, markov_head_type="vanilla", enable_confidence_head=True,
+         confidence_head_with_markov=True, anchor_as_first=True),
+    DSparkDraft))
+register_draft_algorithm(DraftAlgorithm(
+    "dflash", "parallel backbone only, anchor + gamma mask tokens (DFlash)",
+    dict(markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False, anchor_as_first=False),
+    DSparkDraft))
+
+# init_draft options a user may set (the rest come from the target).
+INIT_OPTIONS = ("num_layers", "block_size", "target_layer_ids", "mask_token_id", "num_anchors", "markov_rank",
+                "markov_head_type", "enable_confidence_head", "confidence_head_with_markov", "anchor_as_first",
+                "intermediate_size", "seed")
+
+
+def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> DraftConfig:
+    unknown = sorted(set(options) - set(INIT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown draft option(s) {', '.join(unknown)}; valid: {', '.join(INIT_OPTIONS)}")
+    options.pop("seed", None)
+    settings = dict(draft_algorithm(algorithm).defaults)
+    settings.update({k: v for k, v in options.items() if v is not None})
+    if settings.get("target_layer_ids") is None:
+        settings["target_layer_ids"] = default_target_layer_ids(target.num_layers)
+    settings.setdefault("num_layers", min(5, max(1, target.num_layers // 4)))
+    settings.setdefault("mask_token_id", target.vocab_size - 1)
+    settings.setdefault("intermediate_size", target.intermediate_size)
+    known = {f.name for f in fields(DraftConfig)}
+    return DraftConfig(
+        algorithm=algorithm, vocab_size=target.vocab_size, hidden_size=target.hidden_size,
+        num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+        num_target_layers=target.num_layers, rms_norm_eps=target.rms_norm_eps, rope=target.rope,
+        **{k: v for k, v in settings.items() if k in known},
+    )
+
+
+def check_draft_fits_target(draft: DraftConfig, target: TargetConfig, source: str) -> None:
+    problems = []
+    if draft.vocab_size != target.vocab_size:
+        problems.append(f"vocabulary size {draft.vocab_size} != target's {target.vocab_size}")
+    if draft.hidden_size != target.hidden_size:
+        problems.append(f"hidden size {draft.hidden_size} != target's {target.hidden_size}")
+    bad_layers = [i for i in draft.target_layer_ids if not -1 <= i < target.num_layers]
+    if bad_layers:
+        problems.append(f"target_layer_ids {bad_layers} do not exist in a {target.num_layers}-layer target")
+    if problems:
+        raise DraftMismatchError(f"draft {source} was not made for this target: " + "; ".join(problems)
+                                 + ". Create a matching draft with `dspark init-draft --target <target dir>` "
+                                 "(or train one with `dspark train`).")
+
+
+__all__ = ["DRAFT_ALGORITHMS", "DraftAlgorithm", "DraftConfig", "DraftProposal", "DSparkDraft",
+           "check_draft_fits_target", "default_target_layer_ids", "draft_algorithm", "draft_config_for_target",
+           "register_draft_algorithm"]

@@ -1,0 +1,90 @@
+"""Creating, saving and loading draft directories (config.json + model.safetensors).
+
+The layout is DeepSpec's: the target's HF config plus the draft fields
+(`architectures: ["Qwen3DSparkModel"]`, `block_size`, `target_layer_ids`,
+`mask_token_id`, `markov_rank`, ...) and unprefixed weight names (`fc`,
+`hidden_norm`, `layers.{i}.self_attn.q_proj`, `markov_head.markov_w1`, ...),
+so a directory released by DeepSpec loads here and ours loads there.
+"""
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import CheckpointError
+from .checkpoint import (PathLike, load_state, model_dir, read_config, read_weights, save_weights,
+                         strip_prefix)
+from .config import TargetConfig
+from .draft import DraftConfig, check_draft_fits_target, draft_algorithm, draft_config_for_target
+
+SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
+
+
+def save_draft(model: torch.nn.Module, directory: PathLike, base_config: Optional[dict] = None) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    import json
+
+    (out / "config.json").write_text(json.dumps(model.config.to_hf(base_config), indent=2) + "\n")
+    save_weights(model, out)
+    return out
+
+
+def build_draft(cfg: DraftConfig) -> torch.nn.Module:
+    return draft_algorithm(cfg.algorithm).model_class(cfg)
+
+
+def load_draft(path: PathLike, target_cfg: Optional[TargetConfig], target_model=None):
+    """Load a draft directory. With a target, check that the draft fits it, and fill in the
+    embedding / LM head from the target when the directory leaves them out (they are frozen
+    copies of the target's)."""
+    directory = model_dir(path, "draft")
+    hf = read_config(directory, "draft")
+    archs = hf.get("architectures") or []
+    if "target_layer_ids" not in hf:
+        raise CheckpointError(f"{directory} does not look like a draft (its config.json has no target_layer_ids; "
+                              f"architectures={archs}). Did you pass the target directory as the draft?")
+    cfg = DraftConfig.from_hf(hf, source=str(directory / "config.json"))
+    if target_cfg is not None:
+        check_draft_fits_target(cfg, target_cfg, str(directory))
+    model = build_draft(cfg)
+    weights = strip_prefix(read_weights(directory, "draft"), set(model.state_dict()))
+    missing_shared = load_state(model, weights, directory, optional=SHARED_WITH_TARGET)
+    if missing_shared:
+        if target_model is None:
+            raise CheckpointError(f"{directory} has no {', '.join(missing_shared)}; load it together with its target")
+        with torch.no_grad():
+            if "embed_tokens.weight" in missing_shared:
+                model.embed_tokens.weight.copy_(target_model.model.embed_tokens.weight)
+            if "lm_head.weight" in missing_shared:
+                model.lm_head.weight.copy_(target_model.lm_head.weight)
+    return model
+
+
+def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark", **options) -> str:
+    """Create an untrained draft sized for a target, with the target's embedding and LM head
+    copied in. Options: see `dspark.models.draft.INIT_OPTIONS`. Returns `out_dir`."""
+    from .checkpoint import load_target
+
+    target_path = model_dir(target_dir, "target")
+    target_hf = read_config(target_path, "target")
+    target_cfg = TargetConfig.from_hf(target_hf, source=str(target_path / "config.json"))
+    seed = options.get("seed", 0)
+    try:
+        cfg = draft_config_for_target(target_cfg, algorithm, **options)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    target, _ = load_target(target_path, torch.device("cpu"), torch.float32)
+    torch.manual_seed(seed if seed is not None else 0)
+    model = build_draft(cfg)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, 0.02)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        model.lm_head.weight.copy_(target.lm_head.weight)
+    base = {k: v for k, v in target_hf.items() if k not in ("architectures", "auto_map")}
+    save_draft(model, out_dir, base)
+    return str(out_dir)

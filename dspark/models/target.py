@@ -1,0 +1,127 @@
+"""The target model runner: a compact Qwen3 / Qwen2 / Llama decoder over flattened batches.
+
+Module and parameter names follow Hugging Face's checkpoints
+(`model.layers.{i}.self_attn.q_proj.weight`, ...), so a checkpoint's
+state dict loads as is. One forward takes a `StepBatch` (any mix of
+prefill, decode and verification tokens), writes their keys and values into
+the static `KVCache`, and returns logits only at the flat positions asked for,
+plus the residual stream after the requested layers for the draft.
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .batch import KVCache, StepBatch
+from .config import TargetConfig
+from .layers import MLP, RMSNorm, Rotary, apply_rope
+
+
+def padded_queries(x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+    """Scatter flat rows [N, ...] into a per-request padded tensor [R, Qmax, ...]."""
+    out = x.new_zeros((batch.num_requests, batch.max_query_len) + tuple(x.shape[1:]))
+    out[batch.token_rows, batch.token_offsets] = x
+    return out
+
+
+class TargetAttention(nn.Module):
+    def __init__(self, cfg: TargetConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, batch: StepBatch, cache: KVCache, backend) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)      # [N, H, D]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)   # [N, KVH, D]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)   # [N, KVH, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(self.layer_idx, batch.token_slots, batch.positions, k, v)
+
+        keys, values = cache.read(self.layer_idx, batch.slots, batch.max_kv_len)  # [R, L, KVH, D]
+        query = padded_queries(q, batch)                                         # [R, Qmax, H, D]
+        query_pos = batch.start_positions.unsqueeze(1) + torch.arange(batch.max_query_len, device=x.device)
+        key_pos = torch.arange(batch.max_kv_len, device=x.device)
+        mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)                 # [R, Qmax, L] causal
+        out = backend.attention(query.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                                values.transpose(1, 2).to(q.dtype), mask.unsqueeze(1), self.head_dim ** -0.5)
+        out = out.transpose(1, 2)[batch.token_rows, batch.token_offsets]         # [N, H, D]
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class TargetLayer(nn.Module):
+    def __init__(self, cfg: TargetConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = TargetAttention(cfg, layer_idx)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch, cache, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Decoder(nn.Module):
+    """Holds the parameters under HF's `model.` prefix."""
+
+    def __init__(self, cfg: TargetConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(TargetLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor            # [M, V] at the requested flat positions
+    hidden: Optional[torch.Tensor]  # [N, m * d] residual stream after each requested layer, concatenated
+
+
+class TargetModel(nn.Module):
+    def __init__(self, cfg: TargetConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+
+    def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        batch: StepBatch,
+        cache: KVCache,
+        backend,
+        logits_indices: Optional[torch.Tensor] = None,  # [M] flat token indices; None = all N
+        hidden_layer_ids: Sequence[int] = (),           # -1 = embedding output, i = output of layer i
+    ) -> TargetOutput:
+        x = self.model.embed_tokens(batch.input_ids)     # [N, d]
+        cos, sin = self.rotary(batch.positions, x.dtype)  # [N, D]
+        wanted = {layer_id: None for layer_id in hidden_layer_ids}
+        if -1 in wanted:
+            wanted[-1] = x
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, batch, cache, backend)
+            if i in wanted:
+                wanted[i] = x
+        hidden = torch.cat([wanted[i] for i in hidden_layer_ids], dim=-1) if hidden_layer_ids else None
+        if logits_indices is not None:
+            x = x[logits_indices]
+        logits = self.lm_head(self.model.norm(x))
+        return TargetOutput(logits=logits, hidden=hidden)

@@ -1,0 +1,40 @@
+"""Packaging for dspark.
+
+`backends/` and `ops/` are top-level folders in the repository but install as
+`dspark.backends` and `dspark.ops`, so they never collide with other packages
+named `backends` or `ops`.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "dspark": "dspark",
+    "dspark.models": "dspark/models",
+    "dspark.backends": "backends",
+    "dspark.ops": "ops",
+}
+
+setup(
+    name="dspark",
+    version="0.1.0",
+    description="Lossless DSpark speculative decoding for Qwen3 / Llama models on CPU, CUDA and Ascend",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        "torch>=2.4,<3",
+        "transformers>=4.51",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        # torch_npu must match the installed torch and needs Ascend's CANN toolkit.
+        "ascend": ["torch_npu"],
+        # Triton kernels for the CUDA backend (also runnable under TRITON_INTERPRET=1).
+        "cuda": ["triton"],
+        "dev": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["dspark=dspark.cli:main"]},
+)
