@@ -1,1 +1,24 @@
-"""dspark: lossless DSpark speculative decoding (placeholder; filled in below)."""
+"""dspark: lossless DSpark speculative decoding for Qwen3 / Llama targets on CPU, CUDA and Ascend.
+
+Layers (each imports only those below it):
+    dspark.ops        pure tensor ops: sampling, draft block sampling, verify, schedule
+    dspark.backends   device facts + the operator interface (cpu, cuda, ascend)
+    dspark.models     target runner, KV cache, drafts, checkpoints
+    dspark.engine     the draft -> schedule -> verify round loop with continuous batching
+    dspark (this)     the public API; dspark.cli on top
+
+Quick use:
+    engine = dspark.Engine.from_pretrained("path/to/target", draft="path/to/draft")
+    outputs = engine.generate(["Hello"], dspark.SamplingParams(max_new_tokens=32))
+"""
+from .backends import Backend, BackendUnavailableError, available_backends, get_backend
+from .engine import Engine
+from .errors import CheckpointError, DraftMismatchError, DSparkError, NumericalError
+from .models import init_draft
+from .params import EngineConfig, GenerationOutput, SamplingParams, StreamEvent
+
+__version__ = "0.1.0"
+
+__all__ = ["Backend", "BackendUnavailableError", "CheckpointError", "DSparkError", "DraftMismatchError", "Engine",
+           "EngineConfig", "GenerationOutput", "NumericalError", "SamplingParams", "StreamEvent",
+           "available_backends", "get_backend", "init_draft", "__version__"]

@@ -56,7 +56,7 @@ def verify(
 
     # The distribution of the final token: the residual at a rejection, p_target for a bonus.
     rows = torch.arange(num_rows, device=draft_tokens.device)
-    padded_draft = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    padded_draft = torch.cat([draft_probs, draft_probs.new_zeros(num_rows, 1, vocab)], dim=1)
     target_at = target_probs[rows, num_accepted]                    # [R, V]
     residual = (target_at - padded_draft[rows, num_accepted]).clamp(min=0)
     rejected = num_accepted < verify_lens

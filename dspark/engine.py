@@ -1,0 +1,327 @@
+"""The engine: continuous batching of requests through the draft -> schedule -> verify round.
+
+One round for the R active requests (paper Fig. 1):
+
+    1. draft     the draft proposes gamma tokens per request from its anchor   (one parallel pass
+                 + the sequential Markov stage), with confidences c_k
+    2. schedule  choose verify lengths l_r in [0, gamma] (fixed / threshold / load-aware)
+    3. verify    ONE target forward over the flattened [anchor, d_1..d_l] of every request
+    4. accept    rejection sampling -> accepted prefix + one recovered/bonus token per request
+    5. commit    one device->host copy of the emitted tokens; advance each request's cache
+                 length by accepted + 1 (rejected positions are simply not advanced over),
+                 append the verified positions' target features to the draft's context
+
+With no draft, gamma = 0 and the same loop is plain target decoding: our baseline.
+Randomness: each request owns a torch.Generator and draws the same number of
+uniforms every round (2 * gamma + 1), so its output never depends on its batch-mates.
+"""
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .backends import Backend, get_backend
+from .errors import NumericalError
+from .models import StepBatch, load_draft, load_target
+from .models.checkpoint import model_dir
+from .params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt_ids: list
+    params: SamplingParams
+    stop_ids: list
+    generator: torch.Generator
+    slot: int = -1
+    num_cached: int = 0          # tokens whose K/V are in the target cache (= position of the anchor)
+    anchor: int = -1             # last emitted token; not yet through the target
+    output_ids: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    accepted: list = field(default_factory=list)
+    verify_lens: list = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def stats(self, gamma: int) -> dict:
+        rounds = len(self.accepted)
+        by_position = []
+        for k in range(1, gamma + 1):
+            reached = sum(1 for a, l in zip(self.accepted, self.verify_lens) if l >= k and a >= k - 1)
+            hits = sum(1 for a in self.accepted if a >= k)
+            by_position.append(hits / reached if reached else None)
+        return {
+            "rounds": rounds,
+            "accepted": list(self.accepted),
+            "verify_lens": list(self.verify_lens),
+            "tau": (sum(self.accepted) + rounds) / rounds if rounds else None,
+            "acceptance_by_position": by_position,
+        }
+
+
+class Engine:
+    def __init__(self, target, tokenizer, draft, backend: Backend, config: EngineConfig):
+        self.target, self.tokenizer, self.draft = target, tokenizer, draft
+        self.backend, self.config = backend, config
+        tcfg = target.config
+        self.dtype = next(target.parameters()).dtype
+        self.max_model_len = config.max_model_len or min(tcfg.max_position_embeddings, 4096)
+        self.gamma = draft.gamma if draft is not None else 0
+        self.hidden_layer_ids = list(draft.config.target_layer_ids) if draft is not None else []
+        eos = set(tcfg.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_token_ids = sorted(eos)
+        if config.schedule == "threshold" and (draft is None or draft.confidence_head is None):
+            raise ValueError("schedule='threshold' needs a draft with a confidence head (a DSpark draft)")
+        if config.schedule not in ops.SCHEDULE_MODES:
+            raise ValueError(f"unknown schedule {config.schedule!r}; valid: {', '.join(ops.SCHEDULE_MODES)}")
+        slots, device = config.max_batch_size, backend.device
+        self.target_cache = target.make_cache(slots, self.max_model_len, self.dtype, device)
+        self.draft_cache = draft.make_cache(slots, self.max_model_len, self.dtype, device) if draft else None
+        # Device -> host copies per round of the last run (the scheduler issue drives this to 1).
+        self.round_host_syncs: list[int] = []
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, target, draft=None, backend: Union[str, Backend, None] = None, **config) -> "Engine":
+        """Load a target checkpoint directory and, optionally, a draft directory.
+
+        backend: "cpu" | "cuda" | "ascend" | "auto" | a Backend; None reads $DSPARK_BACKEND.
+        config: EngineConfig fields (dtype, max_batch_size, max_model_len, schedule, ...).
+        """
+        engine_config = EngineConfig.from_kwargs(**config)
+        backend = get_backend(backend)
+        dtype = backend.default_dtype if engine_config.dtype == "auto" else DTYPES[engine_config.dtype]
+        target_model, tokenizer = load_target(target, backend.device, dtype)
+        draft_model = None
+        if draft is not None:
+            draft_model = load_draft(model_dir(draft, "draft"), target_model.config, target_model)
+            draft_model.to(device=backend.device, dtype=dtype).eval()
+        return cls(target_model, tokenizer, draft_model, backend, engine_config)
+
+    # ----------------------------------------------------------------------------- public API
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[GenerationOutput]:
+        """Generate for a batch of prompts (strings or token-id lists); one output per prompt, in order."""
+        requests = self._make_requests(prompts, params)
+        for _ in self._run(requests):
+            pass
+        return [self._output(r) for r in requests]
+
+    def stream(self, prompts: Union[Prompt, Sequence[Prompt]],
+               params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> Iterator[StreamEvent]:
+        """Yield tokens as they are accepted: one StreamEvent per request per step."""
+        requests = self._make_requests(prompts, params)
+        decoded = {r.index: "" for r in requests}
+        for request, new_ids in self._run(requests):
+            text = None
+            if self.tokenizer is not None:
+                full = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+                text, decoded[request.index] = full[len(decoded[request.index]):], full
+            yield StreamEvent(request.index, new_ids, text, request.finished, request.finish_reason)
+
+    # ----------------------------------------------------------------------------- requests
+    def _make_requests(self, prompts, params) -> list[_Request]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        vocab = self.target.config.vocab_size
+        requests = []
+        for index, (prompt, p) in enumerate(zip(prompts, params)):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params[{index}] must be a dspark.SamplingParams, got {type(p).__name__}")
+            ids = self._tokenize(prompt, index)
+            if not ids:
+                raise ValueError(f"prompt {index} is empty")
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"prompt {index} has {len(ids)} tokens but the context holds {self.max_model_len} "
+                                 "(prompt + output); shorten it or raise max_model_len")
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+            stops = [] if p.ignore_eos else list(self.eos_token_ids)
+            stops += [t for t in (p.stop_token_ids or []) if t not in stops]
+            requests.append(_Request(index, ids, p, stops, generator))
+        return requests
+
+    def _tokenize(self, prompt, index) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer, and the target directory has none; "
+                                 "pass token-id lists instead")
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"prompt {index} must be a string or a list of token ids")
+        return list(prompt)
+
+    def _output(self, r: _Request) -> GenerationOutput:
+        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True) if self.tokenizer else None
+        return GenerationOutput(r.index, r.prompt_ids, list(r.output_ids), text, r.finish_reason or "length",
+                                r.stats(self.gamma))
+
+    # ----------------------------------------------------------------------------- the loop
+    def _run(self, requests: list[_Request]) -> Iterator[tuple[_Request, list]]:
+        """Continuous batching: admit queued requests into free cache slots, run rounds,
+        retire finished requests. Yields (request, newly emitted token ids)."""
+        pending, active = deque(requests), []
+        free_slots = list(range(self.config.max_batch_size))
+        self.round_host_syncs = []
+        while pending or active:
+            admitted = []
+            while pending and free_slots:
+                request = pending.popleft()
+                request.slot = free_slots.pop(0)
+                admitted.append(request)
+            if admitted:
+                yield from self._prefill(admitted)
+                active += admitted
+            active_now = [r for r in active if not r.finished]
+            if active_now:
+                syncs_before = self.backend.host_syncs
+                yield from self._round(active_now)
+                self.round_host_syncs.append(self.backend.host_syncs - syncs_before)
+            for r in active:
+                if r.finished:
+                    free_slots.append(r.slot)
+            active = [r for r in active if not r.finished]
+
+    def _sampling_tensors(self, requests):
+        device = self.backend.device
+        temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32, device=device)
+        top_k = torch.tensor([r.params.top_k for r in requests], dtype=torch.long, device=device)
+        top_p = torch.tensor([r.params.top_p for r in requests], dtype=torch.float32, device=device)
+        return temperature, top_k, top_p
+
+    def _prefill(self, requests: list[_Request]):
+        """Run the prompts through the target, sample each request's first token (its first anchor)."""
+        backend = self.backend
+        batch = StepBatch.build([r.prompt_ids for r in requests], [0] * len(requests),
+                                [r.slot for r in requests], backend.device)
+        out = self.target(batch, self.target_cache, backend, logits_indices=batch.last_token_indices(),
+                          hidden_layer_ids=self.hidden_layer_ids)
+        if self.draft is not None:
+            self.draft.append_context(self.draft_cache, batch.token_slots, batch.positions, out.hidden)
+        probs = backend.sampling_probs(out.logits, *self._sampling_tensors(requests))
+        uniforms = torch.stack([torch.rand(1, generator=r.generator) for r in requests]).to(backend.device)
+        tokens = backend.sample(probs, uniforms[:, 0])
+        tokens, finite = backend.to_host(tokens, torch.isfinite(out.logits).all())
+        self._check_finite(finite)
+        for r, token in zip(requests, tokens.tolist()):
+            r.num_cached = len(r.prompt_ids)
+            yield r, self._emit(r, [token])
+
+    def _round(self, requests: list[_Request]):
+        backend, gamma, device = self.backend, self.gamma, self.backend.device
+        num = len(requests)
+        sampling = self._sampling_tensors(requests)
+        anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long, device=device)
+        uniforms = torch.stack([torch.rand(2 * gamma + 1, generator=r.generator) for r in requests]).to(device)
+
+        # 1-2. draft and schedule
+        # Never verify past the context, or more tokens than the request still needs (l + 1 are emitted).
+        caps = [min(gamma, self.max_model_len - 1 - r.num_cached, r.params.max_new_tokens - len(r.output_ids) - 1)
+                for r in requests]
+        if self.draft is not None:
+            starts = torch.tensor([r.num_cached for r in requests], dtype=torch.long, device=device)
+            slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=device)
+            proposal = self.draft.propose(anchors, starts, slots, self.draft_cache, backend,
+                                          uniforms[:, :gamma], *sampling)
+            draft_tokens, draft_probs = proposal.tokens, proposal.probs
+            verify_lens = self._schedule(proposal.confidence, num, caps)
+        else:
+            vocab = self.target.config.vocab_size
+            draft_tokens = torch.zeros(num, 0, dtype=torch.long, device=device)
+            draft_probs = torch.zeros(num, 0, vocab, device=device)
+            verify_lens = [0] * num
+
+        # 3. one target forward over the flattened [anchor, d_1 .. d_l] of every request
+        batch = StepBatch.build([[0] * (n + 1) for n in verify_lens], [r.num_cached for r in requests],
+                                [r.slot for r in requests], device)
+        block = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)            # [R, gamma + 1]
+        batch.input_ids = block[batch.token_rows, batch.token_offsets]            # [N]
+        out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
+        logits = out.logits.new_zeros(num, gamma + 1, out.logits.shape[-1])
+        logits[batch.token_rows, batch.token_offsets] = out.logits               # [R, gamma + 1, V]
+        target_probs = backend.sampling_probs(logits, *sampling)
+
+        # 4. lossless acceptance
+        lens_tensor = torch.tensor(verify_lens, dtype=torch.long, device=device)
+        result = backend.verify(draft_tokens, draft_probs, target_probs, lens_tensor,
+                                uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
+
+        # 5. commit: the round's one device -> host copy
+        tokens, num_emitted, finite = backend.to_host(result.output_tokens, result.num_emitted,
+                                                      torch.isfinite(out.logits).all())
+        self._check_finite(finite)
+        context_rows, context_slots, context_positions = [], [], []
+        for row, r in enumerate(requests):
+            accepted = int(num_emitted[row]) - 1
+            start = int(batch.cu_query_lens[row])
+            # The anchor and the accepted drafts are now verified context.
+            context_rows += range(start, start + accepted + 1)
+            context_slots += [r.slot] * (accepted + 1)
+            context_positions += range(r.num_cached, r.num_cached + accepted + 1)
+            r.num_cached += accepted + 1
+            r.accepted.append(accepted)
+            r.verify_lens.append(verify_lens[row])
+        if self.draft is not None:
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+            self.draft.append_context(self.draft_cache, as_tensor(context_slots), as_tensor(context_positions),
+                                      out.hidden[as_tensor(context_rows)])
+        for row, r in enumerate(requests):
+            yield r, self._emit(r, tokens[row, :int(num_emitted[row])].tolist())
+
+    def _schedule(self, confidence, num: int, caps: list) -> list:
+        cfg = self.config
+        if cfg.schedule == "fixed":
+            # Known on the host: no device round trip needed.
+            length = self.gamma if cfg.verify_len is None else cfg.verify_len
+            lens = [min(length, self.backend.max_verify_len(self.gamma))] * num
+        else:
+            lens_device = self.backend.schedule(cfg.schedule, self.gamma, confidence, num, threshold=cfg.threshold)
+            lens = self.backend.to_host(lens_device)[0].tolist()
+        return [max(0, min(n, cap)) for n, cap in zip(lens, caps)]
+
+    def _emit(self, r: _Request, tokens: list) -> list:
+        """Append emitted tokens, cut at a stop token / max_new_tokens / the context end."""
+        room = r.params.max_new_tokens - len(r.output_ids)
+        tokens = tokens[:room]
+        stops = torch.tensor([r.stop_ids or [ops.PLACEHOLDER_TOKEN_ID]])
+        kept, stopped = ops.truncate_at_stop(torch.tensor([tokens]), torch.tensor([len(tokens)]), stops)
+        tokens = tokens[:int(kept[0])]
+        r.output_ids += tokens
+        r.anchor = tokens[-1]
+        if bool(stopped[0]):
+            r.finish_reason = "stop"
+        elif len(r.output_ids) >= r.params.max_new_tokens or r.num_cached >= self.max_model_len - 1:
+            r.finish_reason = "length"
+        return tokens
+
+    @staticmethod
+    def _check_finite(finite) -> None:
+        if not bool(finite):
+            raise NumericalError("the target produced NaN or infinite logits; the weights may be corrupt or the "
+                                 "dtype may overflow (try dtype='float32')")

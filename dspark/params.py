@@ -1,0 +1,116 @@
+"""Typed public configuration and results: SamplingParams, EngineConfig, GenerationOutput."""
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
+
+    A fixed `seed` makes a request's output reproducible and independent of the
+    other requests in its batch (each request owns its own random generator).
+    Generation stops at `max_new_tokens`, at any of `stop_token_ids`, or at the
+    model's end-of-sequence tokens unless `ignore_eos` is set.
+    """
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_token_ids: Optional[list] = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.stop_token_ids is not None:
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings (`Engine.from_pretrained(..., **config)`).
+
+    dtype: "auto" (the backend's default), "float32", "bfloat16", "float16", "float64".
+    max_batch_size: requests decoded together (KV-cache slots); more prompts queue.
+    max_model_len: positions per request (prompt + output); None = min(model limit, 4096).
+    schedule: how many drafted tokens each request verifies: "fixed" (verify_len or the
+        whole block) or "threshold" (while prefix survival >= threshold; DSpark drafts).
+    """
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    max_model_len: Optional[int] = None
+    schedule: str = "fixed"
+    verify_len: Optional[int] = None
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.verify_len is not None and (not isinstance(self.verify_len, int) or self.verify_len < 0):
+            raise ValueError(f"verify_len must be an integer >= 0, got {self.verify_len!r}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationOutput:
+    """The result of one request.
+
+    stats: rounds (speculative rounds after prefill), accepted (accepted draft tokens per
+    round), verify_lens (drafted tokens verified per round), tau (mean tokens emitted per
+    round, bonus/recovered token included), acceptance_by_position (for each draft position
+    k, the fraction of rounds reaching k in which draft k was accepted; None if never reached).
+    """
+    index: int
+    prompt_token_ids: list
+    token_ids: list
+    text: Optional[str] = None
+    finish_reason: str = "length"
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class StreamEvent:
+    """Tokens of one request accepted in one step (`Engine.stream`)."""
+    index: int
+    token_ids: list
+    text: Optional[str] = None
+    finished: bool = False
+    finish_reason: Optional[str] = None
