@@ -51,6 +51,10 @@ class _Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def room(self, max_model_len: int) -> int:
+        """Tokens this request may still emit: prompt + output never exceed the context."""
+        return min(self.params.max_new_tokens, max_model_len - len(self.prompt_ids)) - len(self.output_ids)
+
     def stats(self, gamma: int) -> dict:
         rounds = len(self.accepted)
         by_position = []
@@ -241,9 +245,8 @@ class Engine:
         uniforms = torch.stack([torch.rand(2 * gamma + 1, generator=r.generator) for r in requests]).to(device)
 
         # 1-2. draft and schedule
-        # Never verify past the context, or more tokens than the request still needs (l + 1 are emitted).
-        caps = [min(gamma, self.max_model_len - 1 - r.num_cached, r.params.max_new_tokens - len(r.output_ids) - 1)
-                for r in requests]
+        # Never verify more tokens than the request may still emit (a round emits l + 1).
+        caps = [min(gamma, r.room(self.max_model_len) - 1) for r in requests]
         if self.draft is not None:
             starts = torch.tensor([r.num_cached for r in requests], dtype=torch.long, device=device)
             slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=device)
@@ -307,8 +310,7 @@ class Engine:
 
     def _emit(self, r: _Request, tokens: list) -> list:
         """Append emitted tokens, cut at a stop token / max_new_tokens / the context end."""
-        room = r.params.max_new_tokens - len(r.output_ids)
-        tokens = tokens[:room]
+        tokens = tokens[:r.room(self.max_model_len)]
         stops = torch.tensor([r.stop_ids or [ops.PLACEHOLDER_TOKEN_ID]])
         kept, stopped = ops.truncate_at_stop(torch.tensor([tokens]), torch.tensor([len(tokens)]), stops)
         tokens = tokens[:int(kept[0])]
@@ -316,7 +318,7 @@ class Engine:
         r.anchor = tokens[-1]
         if bool(stopped[0]):
             r.finish_reason = "stop"
-        elif len(r.output_ids) >= r.params.max_new_tokens or r.num_cached >= self.max_model_len - 1:
+        elif r.room(self.max_model_len) <= 0:
             r.finish_reason = "length"
         return tokens
 
