@@ -43,4 +43,5 @@ def get_backend(name: Union[str, Backend, None] = None) -> Backend:
     return BACKENDS[key]()
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend"]
+__all__ = ["AscendBackend", "BACKENDS", "Backend", "BackendUnavailableError", "CPUBackend", "CUDABackend",
+           "available_backends", "get_backend"]

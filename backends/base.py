@@ -74,14 +74,15 @@ class Backend:
                                               enable_gqa=query.shape[1] != key.shape[1])
 
     # --- the operator interface (reference implementations) ---
-    def sampling_probs(self, logits, temperature, top_k, top_p):
-        return ops.sampling_probs(logits, temperature, top_k, top_p)
+    def sampling_probs(self, logits, temperature, top_k, top_p, **hints):
+        return ops.sampling_probs(logits, temperature, top_k, top_p, **hints)
 
     def sample(self, probs, uniforms):
         return ops.sample_from_probs(probs, uniforms)
 
-    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None):
-        return ops.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition)
+    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None, **hints):
+        return ops.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition,
+                                      **hints)
 
     def verify(self, draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms):
         return ops.verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms)

@@ -26,7 +26,6 @@ from . import ops
 from .backends import Backend, get_backend
 from .errors import NumericalError
 from .models import StepBatch, load_draft, load_target
-from .models.checkpoint import model_dir
 from .params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
 
 Prompt = Union[str, Sequence[int]]
@@ -86,8 +85,6 @@ class Engine:
         self.eos_token_ids = sorted(eos)
         if config.schedule == "threshold" and (draft is None or draft.confidence_head is None):
             raise ValueError("schedule='threshold' needs a draft with a confidence head (a DSpark draft)")
-        if config.schedule not in ops.SCHEDULE_MODES:
-            raise ValueError(f"unknown schedule {config.schedule!r}; valid: {', '.join(ops.SCHEDULE_MODES)}")
         slots, device = config.max_batch_size, backend.device
         self.target_cache = target.make_cache(slots, self.max_model_len, self.dtype, device)
         self.draft_cache = draft.make_cache(slots, self.max_model_len, self.dtype, device) if draft else None
@@ -108,7 +105,7 @@ class Engine:
         target_model, tokenizer = load_target(target, backend.device, dtype)
         draft_model = None
         if draft is not None:
-            draft_model = load_draft(model_dir(draft, "draft"), target_model.config, target_model)
+            draft_model = load_draft(draft, target_model.config, target_model)
             draft_model.to(device=backend.device, dtype=dtype).eval()
         return cls(target_model, tokenizer, draft_model, backend, engine_config)
 
@@ -130,7 +127,13 @@ class Engine:
             text = None
             if self.tokenizer is not None:
                 full = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-                text, decoded[request.index] = full[len(decoded[request.index]):], full
+                # Hold back text that ends inside a multi-byte character until it is complete.
+                if full.endswith("\ufffd") and not request.finished:
+                    text = ""
+                else:
+                    previous = decoded[request.index]
+                    common = len(previous) if full.startswith(previous) else 0
+                    text, decoded[request.index] = full[common:], full
             yield StreamEvent(request.index, new_ids, text, request.finished, request.finish_reason)
 
     # ----------------------------------------------------------------------------- requests
@@ -212,6 +215,12 @@ class Engine:
                     free_slots.append(r.slot)
             active = [r for r in active if not r.finished]
 
+    @staticmethod
+    def _sampling_hints(requests) -> dict:
+        """What the host already knows about the batch's sampling, so no op has to ask the device."""
+        return {"all_greedy": all(r.params.greedy for r in requests),
+                "filtered": any(r.params.top_k > 0 or r.params.top_p < 1 for r in requests)}
+
     def _sampling_tensors(self, requests):
         device = self.backend.device
         temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32, device=device)
@@ -228,7 +237,7 @@ class Engine:
                           hidden_layer_ids=self.hidden_layer_ids)
         if self.draft is not None:
             self.draft.append_context(self.draft_cache, batch.token_slots, batch.positions, out.hidden)
-        probs = backend.sampling_probs(out.logits, *self._sampling_tensors(requests))
+        probs = backend.sampling_probs(out.logits, *self._sampling_tensors(requests), **self._sampling_hints(requests))
         uniforms = torch.stack([torch.rand(1, generator=r.generator) for r in requests]).to(backend.device)
         tokens = backend.sample(probs, uniforms[:, 0])
         tokens, finite = backend.to_host(tokens, torch.isfinite(out.logits).all())
@@ -240,7 +249,7 @@ class Engine:
     def _round(self, requests: list[_Request]):
         backend, gamma, device = self.backend, self.gamma, self.backend.device
         num = len(requests)
-        sampling = self._sampling_tensors(requests)
+        sampling, hints = self._sampling_tensors(requests), self._sampling_hints(requests)
         anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long, device=device)
         uniforms = torch.stack([torch.rand(2 * gamma + 1, generator=r.generator) for r in requests]).to(device)
 
@@ -251,7 +260,7 @@ class Engine:
             starts = torch.tensor([r.num_cached for r in requests], dtype=torch.long, device=device)
             slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=device)
             proposal = self.draft.propose(anchors, starts, slots, self.draft_cache, backend,
-                                          uniforms[:, :gamma], *sampling)
+                                          uniforms[:, :gamma], *sampling, **hints)
             draft_tokens, draft_probs = proposal.tokens, proposal.probs
             verify_lens = self._schedule(proposal.confidence, num, caps)
         else:
@@ -268,7 +277,7 @@ class Engine:
         out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
         logits = out.logits.new_zeros(num, gamma + 1, out.logits.shape[-1])
         logits[batch.token_rows, batch.token_offsets] = out.logits               # [R, gamma + 1, V]
-        target_probs = backend.sampling_probs(logits, *sampling)
+        target_probs = backend.sampling_probs(logits, *sampling, **hints)
 
         # 4. lossless acceptance
         lens_tensor = torch.tensor(verify_lens, dtype=torch.long, device=device)

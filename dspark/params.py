@@ -5,7 +5,13 @@ from typing import Optional
 
 import torch
 
+from .ops import SCHEDULE_MODES
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 @dataclass
@@ -68,13 +74,16 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+        if self.schedule not in SCHEDULE_MODES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_MODES)}")
+        if _not_int(self.max_batch_size) or self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+        if self.max_model_len is not None and (_not_int(self.max_model_len) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if self.verify_len is not None and (not isinstance(self.verify_len, int) or self.verify_len < 0):
+        if self.verify_len is not None and (_not_int(self.verify_len) or self.verify_len < 0):
             raise ValueError(f"verify_len must be an integer >= 0, got {self.verify_len!r}")
-        if not 0 <= self.threshold <= 1:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
 
     @classmethod

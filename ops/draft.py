@@ -35,13 +35,14 @@ def sample_draft_block(
     top_k: torch.Tensor,        # [R]
     top_p: torch.Tensor,        # [R]
     transition: Optional[Transition] = None,
+    **hints,  # all_greedy / filtered, passed to `sampling_probs`
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample a draft block. Returns (draft_tokens [R, gamma], draft_probs [R, gamma, V],
     prev_ids [R, gamma]) where prev_ids[:, k] = x_{k-1} (the anchor for k = 0)."""
     num_rows, gamma, _ = base_logits.shape
     assert anchor_ids.shape == (num_rows,) and uniforms.shape == (num_rows, gamma)
     if transition is None:
-        probs = sampling_probs(base_logits, temperature, top_k, top_p)
+        probs = sampling_probs(base_logits, temperature, top_k, top_p, **hints)
         tokens = sample_from_probs(probs, uniforms)
         prev_ids = torch.cat([anchor_ids.unsqueeze(1), tokens[:, :-1]], dim=1)
         return tokens, probs, prev_ids
@@ -50,7 +51,7 @@ def sample_draft_block(
     prev, state = anchor_ids, None
     for k in range(gamma):
         bias, state = transition(k, prev, state)
-        step_probs = sampling_probs(base_logits[:, k] + bias.to(base_logits.dtype), temperature, top_k, top_p)
+        step_probs = sampling_probs(base_logits[:, k] + bias.to(base_logits.dtype), temperature, top_k, top_p, **hints)
         token = sample_from_probs(step_probs, uniforms[:, k])
         prevs.append(prev)
         tokens.append(token)

@@ -4,6 +4,8 @@ The same filter is applied to the target's and the draft's logits before
 verification: rejection sampling is lossless with respect to the *filtered*
 target distribution, which is what the user asked to sample from.
 """
+from typing import Optional
+
 import torch
 
 
@@ -17,6 +19,9 @@ def sampling_probs(
     temperature: torch.Tensor,  # [R] float; <= 0 means greedy
     top_k: torch.Tensor,        # [R] long; <= 0 means no top-k
     top_p: torch.Tensor,        # [R] float in (0, 1]; 1 means no top-p
+    *,
+    all_greedy: Optional[bool] = None,  # host-known hints that skip work; None = derive them
+    filtered: Optional[bool] = None,    # (which costs a device sync on accelerators)
 ) -> torch.Tensor:              # [R, ..., V] float32 probabilities
     """Turn logits into the distribution a request samples from.
 
@@ -24,16 +29,27 @@ def sampling_probs(
     case of sampling whose distributions are point masses: the verifier needs no
     separate greedy branch, and any uniforms give the argmax.
     Ties at the top-k / top-p cut-off are all kept (identically for target and
-    draft), which keeps the filter a pure function of the logits.
+    draft), which keeps the filter a pure function of the logits. The hints only
+    select a shorter path to the same result: `all_greedy` = every row has
+    temperature 0; `filtered` = some row uses top-k or top-p.
     """
     assert logits.dim() >= 2, f"logits must be [R, ..., V], got {tuple(logits.shape)}"
     num_rows, vocab = logits.shape[0], logits.shape[-1]
     for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
         assert t.shape == (num_rows,), f"{name} must be [{num_rows}], got {tuple(t.shape)}"
     logits = logits.float()
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    if all_greedy is None:
+        all_greedy = bool((temperature <= 0).all())
+    if all_greedy:
+        return one_hot
+    if filtered is None:
+        filtered = bool(((top_k > 0) & (top_k < vocab)).any() or (top_p < 1).any())
     greedy = _per_row(temperature <= 0, logits)
     safe_temperature = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
     scaled = logits / _per_row(safe_temperature, logits)
+    if not filtered:
+        return torch.where(greedy, one_hot, scaled.softmax(dim=-1))
 
     sorted_logits, _ = scaled.sort(dim=-1, descending=True)                      # [R, ..., V]
     # top-k: keep every logit >= the k-th largest.
@@ -50,11 +66,7 @@ def sampling_probs(
     kept_sorted = sorted_logits.masked_fill(drop, float("-inf"))
     # The smallest kept logit is the threshold in the original order.
     threshold = kept_sorted.masked_fill(kept_sorted == float("-inf"), float("inf")).amin(dim=-1, keepdim=True)
-    filtered = scaled.masked_fill(scaled < threshold, float("-inf"))
-    probs = filtered.softmax(dim=-1)
-
-    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.where(greedy, one_hot, probs)
+    return torch.where(greedy, one_hot, scaled.masked_fill(scaled < threshold, float("-inf")).softmax(dim=-1))
 
 
 def sample_from_probs(

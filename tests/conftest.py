@@ -1,6 +1,6 @@
 import pytest
 
-from tiny_models import make_agreeing_draft, make_target
+from dspark.testing import make_agreeing_draft, make_target
 
 
 @pytest.fixture(scope="session")

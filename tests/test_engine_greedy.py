@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dspark
-from tiny_models import load_hf
+from dspark.testing import load_hf
 
 GREEDY = dspark.SamplingParams(max_new_tokens=24, ignore_eos=True)
 

@@ -14,7 +14,7 @@ import torch
 import dspark
 from dspark import ops
 from stats import chi_square_pvalue
-from tiny_models import load_hf, make_agreeing_draft, make_target
+from dspark.testing import load_hf, make_agreeing_draft, make_target
 
 PROMPT = [1, 2, 3]
 VOCAB, LENGTH, SAMPLES = 6, 4, 12_000

@@ -9,7 +9,7 @@ import dspark
 from dspark.backends import get_backend
 from dspark.models import StepBatch, load_draft, load_target
 from dspark.models.draft import default_target_layer_ids
-from tiny_models import load_hf, make_target
+from dspark.testing import load_hf, make_target
 
 CPU = get_backend("cpu")
 

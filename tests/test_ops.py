@@ -153,3 +153,18 @@ def test_truncate_at_stop_keeps_the_stop_token_and_ignores_padding():
     kept, stopped = ops.truncate_at_stop(tokens, torch.tensor([3, 2, 4, 0]),
                                          torch.tensor([[7, P], [9, P], [P, P], [P, 5]]))
     assert kept.tolist() == [2, 2, 4, 0] and stopped.tolist() == [True, False, False, False]
+
+
+def test_sampling_hints_select_a_shorter_path_to_the_same_result():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 3, 30)
+    cases = [(torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.ones(4)),
+             (torch.tensor([0.0, 1.0, 0.5, 2.0]), torch.zeros(4, dtype=torch.long), torch.ones(4)),
+             (torch.tensor([0.0, 1.0, 0.5, 2.0]), torch.tensor([0, 5, 0, 30]), torch.tensor([1.0, 1.0, 0.7, 1.0]))]
+    for temperature, top_k, top_p in cases:
+        derived = ops.sampling_probs(logits, temperature, top_k, top_p)
+        hinted = ops.sampling_probs(logits, temperature, top_k, top_p, all_greedy=bool((temperature == 0).all()),
+                                    filtered=bool((top_k > 0).any() or (top_p < 1).any()))
+        full = ops.sampling_probs(logits, temperature, top_k, top_p, all_greedy=False, filtered=True)
+        torch.testing.assert_close(derived, full)
+        torch.testing.assert_close(hinted, full)

@@ -133,6 +133,11 @@ def load_target(path: PathLike, device: torch.device, dtype: torch.dtype):
 
     directory = model_dir(path, "target")
     hf = read_config(directory, "target")
+    if "target_layer_ids" in hf:
+        raise CheckpointError(f"{directory} is a draft model directory (its config.json has target_layer_ids); "
+                              "pass it as the draft and give the target model's directory as the target")
+    if "text_config" in hf and "model_type" not in hf.get("text_config", {}):
+        raise CheckpointError(f"{directory}/config.json wraps a text_config without a model_type")
     cfg = TargetConfig.from_hf(hf, source=str(directory / "config.json"))
     model = TargetModel(cfg)
     weights = read_weights(directory, "target")

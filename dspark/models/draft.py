@@ -69,7 +69,8 @@ class DraftConfig:
         if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEADS:
             raise ValueError(f"unknown markov_head_type {self.markov_head_type!r}; valid: {', '.join(MARKOV_HEADS)}")
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank <= 0:
-            raise ValueError("confidence_head_with_markov needs a Markov head (markov_rank > 0)")
+            raise ValueError("confidence_head_with_markov needs a Markov head: set markov_rank > 0, or "
+                             "confidence_head_with_markov=False")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
         for layer_id in self.target_layer_ids:
@@ -271,12 +272,14 @@ class DSparkDraft(nn.Module):
         return torch.sigmoid(logits)
 
     @torch.no_grad()
-    def propose(self, anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p):
-        """Draft one block per request. anchor_ids, start_positions, slots: [R]; uniforms: [R, gamma]."""
+    def propose(self, anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p,
+                **hints):
+        """Draft one block per request. anchor_ids, start_positions, slots: [R]; uniforms: [R, gamma].
+        hints: host-known sampling hints for `ops.sampling_probs` (all_greedy, filtered)."""
         hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend)
         transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
         tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
-                                                temperature, top_k, top_p, transition)
+                                                temperature, top_k, top_p, transition, **hints)
         return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(hidden, prev_ids))
 
 
@@ -326,6 +329,8 @@ def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> 
     options.pop("seed", None)
     settings = dict(draft_algorithm(algorithm).defaults)
     settings.update({k: v for k, v in options.items() if v is not None})
+    if settings.get("markov_rank", 0) <= 0 and "confidence_head_with_markov" not in options:
+        settings["confidence_head_with_markov"] = False   # nothing to condition on without a Markov head
     if settings.get("target_layer_ids") is None:
         settings["target_layer_ids"] = default_target_layer_ids(target.num_layers)
     settings.setdefault("num_layers", min(5, max(1, target.num_layers // 4)))

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints for tests, written with transformers so our loader reads real HF folders.
+"""Synthetic checkpoints for tests and the quick start, written with transformers so that our
+loader reads real Hugging Face folders. Nothing here is imported by the library itself.
 
 `make_target(..., context_scale < 1)` shrinks every layer's output projection,
 so the target's next-token distribution depends mostly on the current token
@@ -12,16 +13,15 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-import dspark
-from dspark.models import load_draft, save_draft
+from .models import init_draft, load_draft, save_draft
 
 FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
 
 def make_target(path, family="qwen3", vocab=64, layers=4, hidden=32, seed=0, context_scale=1.0,
-                logit_scale=1.0, max_positions=256, eos_token_id=None) -> str:
+                logit_scale=1.0, max_positions=256, eos_token_id=None, intermediate=None) -> str:
     config_cls, model_cls = FAMILIES[family]
-    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=hidden // 4, max_position_embeddings=max_positions, eos_token_id=eos_token_id,
                         bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
@@ -48,7 +48,7 @@ def make_agreeing_draft(target_dir, out_dir, block_size=4, num_layers=1) -> str:
     vocab = target.config.vocab_size
     with torch.no_grad():
         bigram = target(torch.arange(vocab).unsqueeze(1)).logits[:, 0]   # [V, V]: row = current token
-    dspark.init_draft(target_dir, out_dir, block_size=block_size, num_layers=num_layers, markov_rank=vocab)
+    init_draft(target_dir, out_dir, block_size=block_size, num_layers=num_layers, markov_rank=vocab)
     draft = load_draft(out_dir, None)
     with torch.no_grad():
         draft.norm.weight.zero_()

@@ -1,0 +1,74 @@
+"""Backend selection through DSPARK_BACKEND, detection without device initialisation, clear errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dspark
+from dspark.backends import BACKENDS, AscendBackend, BackendUnavailableError, CUDABackend, get_backend
+
+
+def test_cpu_is_always_available_and_auto_falls_back_to_it(monkeypatch):
+    assert "cpu" in dspark.available_backends()
+    assert dspark.available_backends()[-1] == "cpu"
+    monkeypatch.setenv("DSPARK_BACKEND", "auto")
+    assert get_backend().name == dspark.available_backends()[0]
+    monkeypatch.setenv("DSPARK_BACKEND", "CPU")
+    assert get_backend().name == "cpu"
+
+
+def test_unknown_backend_lists_the_valid_names(monkeypatch):
+    monkeypatch.setenv("DSPARK_BACKEND", "tpu")
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu' \(from \$DSPARK_BACKEND\); valid: cpu, cuda, ascend, auto"):
+        get_backend()
+
+
+@pytest.mark.skipif(CUDABackend.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_fails_clearly(monkeypatch, qwen3_target):
+    monkeypatch.setenv("DSPARK_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: .*(CUDA|GPU)"):
+        dspark.Engine.from_pretrained(qwen3_target)
+
+
+@pytest.mark.skipif(AscendBackend.is_available(), reason="this machine has an NPU")
+def test_ascend_without_torch_npu_fails_clearly():
+    with pytest.raises(BackendUnavailableError, match="backend 'ascend' is unavailable: .*torch_npu|CANN|NPU"):
+        get_backend("ascend")
+
+
+def test_auto_prefers_ascend_then_cuda(monkeypatch):
+    monkeypatch.setattr(AscendBackend, "unavailable_reason", classmethod(lambda cls: None))
+    assert dspark.available_backends()[0] == "ascend"
+    monkeypatch.setattr(AscendBackend, "unavailable_reason", classmethod(lambda cls: "absent"))
+    monkeypatch.setattr(CUDABackend, "unavailable_reason", classmethod(lambda cls: None))
+    assert dspark.available_backends()[:2] == ["cuda", "cpu"]
+
+
+def test_importing_dspark_loads_no_device_package():
+    code = ("import sys, dspark; dspark.available_backends(); "
+            "print(','.join(m for m in ('torch_npu', 'triton') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_engine_reports_its_backend(qwen3_target):
+    engine = dspark.Engine.from_pretrained(qwen3_target, backend="cpu")
+    assert engine.backend.name == "cpu" and engine.backend.device == torch.device("cpu")
+    assert set(BACKENDS) == {"cpu", "cuda", "ascend"}
+    assert AscendBackend.max_query_tokens_per_request == 16
+
+
+def test_the_backends_query_limit_caps_verify_lengths(bigram_qwen3):
+    """Device facts reach the scheduler through the backend (Ascend: gamma + 1 <= 16)."""
+    class NarrowCPU(dspark.backends.CPUBackend):
+        max_query_tokens_per_request = 3
+
+    target, draft = bigram_qwen3
+    assert NarrowCPU().max_verify_len(7) == 2
+    engine = dspark.Engine.from_pretrained(target, draft=draft, backend=NarrowCPU())
+    [output] = engine.generate([[1, 2, 3]], dspark.SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert max(output.stats["verify_lens"]) == 2
+    plain = dspark.Engine.from_pretrained(target).generate([[1, 2, 3]],
+                                                            dspark.SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert output.token_ids == plain[0].token_ids
