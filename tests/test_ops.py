@@ -141,7 +141,7 @@ def test_schedule_modes():
     # survival: [0.9, 0.81, 0.405, ...], [0.4, ...], [1, 1, 1, 1]
     assert ops.schedule("threshold", 4, confidence, 3, threshold=0.5).tolist() == [2, 0, 4]
     assert ops.schedule("threshold", 4, confidence, 3, threshold=0.5, max_verify_len=3).tolist() == [2, 0, 3]
-    with pytest.raises(ValueError, match="valid modes: fixed, threshold"):
+    with pytest.raises(ValueError, match="valid modes: fixed, threshold, causal, budget"):
         ops.schedule("psychic", 4, confidence, 3)
     with pytest.raises(ValueError, match="confidence head"):
         ops.schedule("threshold", 4, None, 3)
