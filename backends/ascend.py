@@ -52,6 +52,9 @@ class AscendBackend(Backend):
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)
 
+    def device_prior(self) -> str:
+        return "ascend-910c" if "910c" in torch.npu.get_device_name(self.device).lower() else "ascend-910b"
+
 
 def _dev_entries() -> list[str]:
     try:

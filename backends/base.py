@@ -55,6 +55,10 @@ class Backend:
         self.host_syncs += 1
         return tuple(t.to("cpu") for t in tensors)
 
+    def device_prior(self) -> str:
+        """Name of the analytic cost-model prior for this device (see dspark.cost_model.DEVICE_SPECS)."""
+        return "cpu"
+
     def max_verify_len(self, gamma: int) -> int:
         """Largest number of drafted tokens a request may verify (the anchor takes one query slot)."""
         if self.max_query_tokens_per_request is None:

@@ -34,6 +34,13 @@ class CUDABackend(Backend):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def device_prior(self) -> str:
+        name = torch.cuda.get_device_name(self.device).lower()
+        for key in ("h200", "h100", "a100"):
+            if key in name:
+                return key
+        return "h100"
+
     def describe(self) -> dict:
         info = super().describe()
         info["device_name"] = torch.cuda.get_device_name(self.device)

@@ -12,10 +12,16 @@ One round for the R active requests (paper Fig. 1):
                  append the verified positions' target features to the draft's context
 
 With no draft, gamma = 0 and the same loop is plain target decoding: our baseline.
+Synchronisation: the host must know the *total* number of verify tokens B to lay out the
+step; where each request's share lives is computed on the device. "fixed" and "budget"
+know B on the host in advance (budget: B = R + K, K from confidences already on the host),
+so their only device->host copy is the commit; "threshold" and "causal" decide from the
+current confidences and pay one more copy. `Engine.round_log` records every round.
 Randomness: each request owns a torch.Generator and draws the same number of
 uniforms every round (2 * gamma + 1), so its output never depends on its batch-mates.
 """
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
@@ -24,9 +30,11 @@ import torch
 
 from . import ops
 from .backends import Backend, get_backend
+from .calibration import OnlineSTS
 from .errors import NumericalError
 from .models import StepBatch, load_draft, load_target
 from .params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
+from .scheduler import RoundPlanner, cost_model_for
 
 Prompt = Union[str, Sequence[int]]
 
@@ -83,13 +91,25 @@ class Engine:
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = sorted(eos)
-        if config.schedule == "threshold" and (draft is None or draft.confidence_head is None):
-            raise ValueError("schedule='threshold' needs a draft with a confidence head (a DSpark draft)")
+        if config.schedule != "fixed" and (draft is None or draft.confidence_head is None):
+            raise ValueError(f"schedule={config.schedule!r} needs a draft with a confidence head (a DSpark draft); "
+                             "use schedule='fixed' with this draft")
+        self.cost_model = cost_model_for(backend, tcfg, draft.config if draft else None, config.cost_profile)
+        self.planner = RoundPlanner(self.cost_model, self.gamma, backend.device, lag=config.budget_lag)
+        self.online_sts = None
+        if config.calibration == "online" and draft is not None and draft.confidence_head is not None:
+            self.online_sts = OnlineSTS(self.gamma, initial=draft.config.confidence_temperatures)
         slots, device = config.max_batch_size, backend.device
         self.target_cache = target.make_cache(slots, self.max_model_len, self.dtype, device)
         self.draft_cache = draft.make_cache(slots, self.max_model_len, self.dtype, device) if draft else None
-        # Device -> host copies per round of the last run (the scheduler issue drives this to 1).
-        self.round_host_syncs: list[int] = []
+        # One record per round of the last run: requests, verify tokens, host syncs, timings,
+        # and (with a confidence head) the raw confidence logits, verify lengths and accepted counts.
+        self.round_log: list[dict] = []
+
+    @property
+    def round_host_syncs(self) -> list:
+        """Device -> host copies made by each round of the last run."""
+        return [record["host_syncs"] for record in self.round_log]
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -195,7 +215,7 @@ class Engine:
         retire finished requests. Yields (request, newly emitted token ids)."""
         pending, active = deque(requests), []
         free_slots = list(range(self.config.max_batch_size))
-        self.round_host_syncs = []
+        self.round_log = []
         while pending or active:
             admitted = []
             while pending and free_slots:
@@ -207,12 +227,11 @@ class Engine:
                 active += admitted
             active_now = [r for r in active if not r.finished]
             if active_now:
-                syncs_before = self.backend.host_syncs
                 yield from self._round(active_now)
-                self.round_host_syncs.append(self.backend.host_syncs - syncs_before)
             for r in active:
                 if r.finished:
                     free_slots.append(r.slot)
+                    self.planner.forget(id(r))
             active = [r for r in active if not r.finished]
 
     @staticmethod
@@ -249,29 +268,32 @@ class Engine:
     def _round(self, requests: list[_Request]):
         backend, gamma, device = self.backend, self.gamma, self.backend.device
         num = len(requests)
+        started, syncs_before = time.perf_counter(), backend.host_syncs
         sampling, hints = self._sampling_tensors(requests), self._sampling_hints(requests)
         anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long, device=device)
         uniforms = torch.stack([torch.rand(2 * gamma + 1, generator=r.generator) for r in requests]).to(device)
+        starts, slots = [r.num_cached for r in requests], [r.slot for r in requests]
+        # Never verify more than the backend allows or the request may still emit (a round emits l + 1).
+        caps = [min(backend.max_verify_len(gamma), r.room(self.max_model_len) - 1) for r in requests]
 
         # 1-2. draft and schedule
-        # Never verify more tokens than the request may still emit (a round emits l + 1).
-        caps = [min(gamma, r.room(self.max_model_len) - 1) for r in requests]
+        proposal, schedule_s = None, 0.0
         if self.draft is not None:
-            starts = torch.tensor([r.num_cached for r in requests], dtype=torch.long, device=device)
-            slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=device)
-            proposal = self.draft.propose(anchors, starts, slots, self.draft_cache, backend,
+            proposal = self.draft.propose(anchors, torch.tensor(starts, device=device),
+                                          torch.tensor(slots, device=device), self.draft_cache, backend,
                                           uniforms[:, :gamma], *sampling, **hints)
             draft_tokens, draft_probs = proposal.tokens, proposal.probs
-            verify_lens = self._schedule(proposal.confidence, num, caps)
+            schedule_started = time.perf_counter()
+            verify_lens, num_verify = self._schedule(requests, proposal.confidence, caps, max(starts))
+            schedule_s = time.perf_counter() - schedule_started
         else:
             vocab = self.target.config.vocab_size
             draft_tokens = torch.zeros(num, 0, dtype=torch.long, device=device)
             draft_probs = torch.zeros(num, 0, vocab, device=device)
-            verify_lens = [0] * num
+            verify_lens, num_verify = torch.zeros(num, dtype=torch.long, device=device), 0
 
         # 3. one target forward over the flattened [anchor, d_1 .. d_l] of every request
-        batch = StepBatch.build([[0] * (n + 1) for n in verify_lens], [r.num_cached for r in requests],
-                                [r.slot for r in requests], device)
+        batch = StepBatch.from_lengths(verify_lens + 1, starts, slots, num + num_verify, gamma + 1)
         block = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)            # [R, gamma + 1]
         batch.input_ids = block[batch.token_rows, batch.token_offsets]            # [N]
         out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
@@ -280,42 +302,63 @@ class Engine:
         target_probs = backend.sampling_probs(logits, *sampling, **hints)
 
         # 4. lossless acceptance
-        lens_tensor = torch.tensor(verify_lens, dtype=torch.long, device=device)
-        result = backend.verify(draft_tokens, draft_probs, target_probs, lens_tensor,
+        result = backend.verify(draft_tokens, draft_probs, target_probs, verify_lens,
                                 uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
 
-        # 5. commit: the round's one device -> host copy
-        tokens, num_emitted, finite = backend.to_host(result.output_tokens, result.num_emitted,
-                                                      torch.isfinite(out.logits).all())
+        # 5. commit: the round's one device -> host copy (tokens, counts, lengths, confidences)
+        extra = () if proposal is None or proposal.confidence is None else \
+            (proposal.confidence, proposal.confidence_logits)
+        tokens, num_emitted, lens_host, finite, *confidences = backend.to_host(
+            result.output_tokens, result.num_emitted, verify_lens, torch.isfinite(out.logits).all(), *extra)
         self._check_finite(finite)
+        cu = [0] + torch.cumsum(lens_host + 1, 0).tolist()
         context_rows, context_slots, context_positions = [], [], []
         for row, r in enumerate(requests):
             accepted = int(num_emitted[row]) - 1
-            start = int(batch.cu_query_lens[row])
             # The anchor and the accepted drafts are now verified context.
-            context_rows += range(start, start + accepted + 1)
+            context_rows += range(cu[row], cu[row] + accepted + 1)
             context_slots += [r.slot] * (accepted + 1)
             context_positions += range(r.num_cached, r.num_cached + accepted + 1)
             r.num_cached += accepted + 1
             r.accepted.append(accepted)
-            r.verify_lens.append(verify_lens[row])
+            r.verify_lens.append(int(lens_host[row]))
         if self.draft is not None:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
             self.draft.append_context(self.draft_cache, as_tensor(context_slots), as_tensor(context_positions),
                                       out.hidden[as_tensor(context_rows)])
+        record = {"requests": num, "verify_tokens": num + num_verify, "schedule_s": schedule_s}
+        if confidences:
+            self._observe_confidences(requests, confidences[0], confidences[1], lens_host, num_emitted - 1, record)
         for row, r in enumerate(requests):
             yield r, self._emit(r, tokens[row, :int(num_emitted[row])].tolist())
+        record["host_syncs"] = backend.host_syncs - syncs_before
+        record["round_s"] = time.perf_counter() - started
+        self.round_log.append(record)
 
-    def _schedule(self, confidence, num: int, caps: list) -> list:
-        cfg = self.config
+    def _schedule(self, requests, confidence, caps: list, context_len: int):
+        """Verify lengths on the device, and the number of drafted tokens verified in total,
+        which the host must know to lay out the step."""
+        cfg, backend, num = self.config, self.backend, len(requests)
+        device = backend.device
+        caps_tensor = torch.tensor(caps, dtype=torch.long, device=device)
         if cfg.schedule == "fixed":
-            # Known on the host: no device round trip needed.
             length = self.gamma if cfg.verify_len is None else cfg.verify_len
-            lens = [min(length, self.backend.max_verify_len(self.gamma))] * num
-        else:
-            lens_device = self.backend.schedule(cfg.schedule, self.gamma, confidence, num, threshold=cfg.threshold)
-            lens = self.backend.to_host(lens_device)[0].tolist()
-        return [max(0, min(n, cap)) for n, cap in zip(lens, caps)]
+            lens = [max(0, min(length, cap)) for cap in caps]
+            return torch.tensor(lens, dtype=torch.long, device=device), sum(lens)
+        if cfg.schedule == "budget":
+            budget = self.planner.budget([id(r) for r in requests], caps, context_len)
+            lens = backend.schedule("budget", self.gamma, confidence, num, budget=budget, caps=caps_tensor)
+            return lens, min(budget, sum(max(cap, 0) for cap in caps))
+        lens = backend.schedule(cfg.schedule, self.gamma, confidence, num, threshold=cfg.threshold,
+                                sps=self.planner.sps(num, context_len), caps=caps_tensor)
+        return lens, int(backend.to_host(lens)[0].sum())
+
+    def _observe_confidences(self, requests, confidence, logits, verify_lens, accepted, record) -> None:
+        """Feed finished-round confidences to the budget planner and the online calibrator."""
+        self.planner.record([id(r) for r in requests], confidence)
+        record.update(confidence_logits=logits, verify_lens=verify_lens, accepted=accepted)
+        if self.online_sts is not None and self.online_sts.observe(logits, verify_lens, accepted):
+            self.draft.config.confidence_temperatures = list(self.online_sts.temperatures)
 
     def _emit(self, r: _Request, tokens: list) -> list:
         """Append emitted tokens, cut at a stop token / max_new_tokens / the context end."""

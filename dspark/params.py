@@ -61,8 +61,17 @@ class EngineConfig:
     dtype: "auto" (the backend's default), "float32", "bfloat16", "float16", "float64".
     max_batch_size: requests decoded together (KV-cache slots); more prompts queue.
     max_model_len: positions per request (prompt + output); None = min(model limit, 4096).
-    schedule: how many drafted tokens each request verifies: "fixed" (verify_len or the
-        whole block) or "threshold" (while prefix survival >= threshold; DSpark drafts).
+    schedule: how many drafted tokens each request verifies:
+        "fixed"     verify_len drafts (default: the whole block);
+        "threshold" while prefix survival >= threshold;
+        "causal"    paper Algorithm 1 against the device cost model (needs current confidences:
+                    one extra device->host copy per round);
+        "budget"    the zero-overhead production variant: a token budget from confidences
+                    `budget_lag` rounds old, then the top-K current survivals (one copy per round).
+        All but "fixed" need a draft with a confidence head (DSpark).
+    cost_profile: a YAML profile from `dspark calibrate`; None = the backend's analytic prior.
+    calibration: "offline" (use the draft's stored STS temperatures) or "online" (keep refitting
+        them from served rounds).
     """
     dtype: str = "auto"
     max_batch_size: int = 8
@@ -70,6 +79,9 @@ class EngineConfig:
     schedule: str = "fixed"
     verify_len: Optional[int] = None
     threshold: float = 0.5
+    cost_profile: Optional[str] = None
+    budget_lag: int = 2
+    calibration: str = "offline"
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -82,6 +94,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.verify_len is not None and (_not_int(self.verify_len) or self.verify_len < 0):
             raise ValueError(f"verify_len must be an integer >= 0, got {self.verify_len!r}")
+        if _not_int(self.budget_lag) or self.budget_lag < 1:
+            raise ValueError(f"budget_lag must be an integer >= 1, got {self.budget_lag!r}")
+        if self.calibration not in ("offline", "online"):
+            raise ValueError(f"calibration must be 'offline' or 'online', got {self.calibration!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")

@@ -31,7 +31,7 @@ class StepBatch:
     query_lens: torch.Tensor     # [R] long
     cu_query_lens: torch.Tensor  # [R + 1] long, offsets of each request in the flat batch
     max_query_len: int
-    max_kv_len: int              # max over requests of start + query_len
+    max_kv_len: int              # max over requests of start + query_len (an upper bound is fine)
 
     @property
     def num_requests(self) -> int:
@@ -71,6 +71,30 @@ class StepBatch:
             start_positions=tensor(list(start_positions)), query_lens=tensor(query_lens), cu_query_lens=tensor(cu),
             max_query_len=max(query_lens),
             max_kv_len=max(s + n for s, n in zip(start_positions, query_lens)),
+        )
+
+    @classmethod
+    def from_lengths(cls, query_lens: torch.Tensor, start_positions: Sequence[int], slots: Sequence[int],
+                     num_tokens: int, max_query_len: int) -> "StepBatch":
+        """Lay out a step from per-request query lengths that live on the device.
+
+        Only the total `num_tokens` and an upper bound on one request's query length must
+        be known on the host, so the layout needs no device -> host copy: this is how a
+        round whose verify lengths were chosen on the device (budget mode) is built.
+        input_ids is left for the caller to fill (it is [num_tokens], zeros).
+        """
+        device = query_lens.device
+        num_requests = query_lens.shape[0]
+        starts = torch.tensor(list(start_positions), dtype=torch.long, device=device)
+        slot_tensor = torch.tensor(list(slots), dtype=torch.long, device=device)
+        cu = torch.cat([query_lens.new_zeros(1), query_lens.cumsum(0)])
+        rows = torch.repeat_interleave(torch.arange(num_requests, device=device), query_lens, output_size=num_tokens)
+        offsets = torch.arange(num_tokens, device=device) - cu[rows]
+        return cls(
+            input_ids=torch.zeros(num_tokens, dtype=torch.long, device=device), positions=starts[rows] + offsets,
+            token_rows=rows, token_offsets=offsets, token_slots=slot_tensor[rows], slots=slot_tensor,
+            start_positions=starts, query_lens=query_lens, cu_query_lens=cu, max_query_len=max_query_len,
+            max_kv_len=max(start_positions) + max_query_len,
         )
 
     @classmethod

@@ -155,6 +155,7 @@ class DraftProposal:
     tokens: torch.Tensor                # [R, gamma] long
     probs: torch.Tensor                 # [R, gamma, V] the distributions the tokens were sampled from
     confidence: Optional[torch.Tensor]  # [R, gamma] conditional survival c_k, None without a confidence head
+    confidence_logits: Optional[torch.Tensor] = None  # [R, gamma] before STS temperatures (for calibration)
 
 
 class DraftAttention(nn.Module):
@@ -259,14 +260,19 @@ class DSparkDraft(nn.Module):
         hidden = self.norm(x if cfg.anchor_as_first else x[:, 1:])
         return hidden, self.lm_head(hidden)
 
-    def confidence(self, hidden, prev_ids) -> Optional[torch.Tensor]:
-        """c_k for each position, after STS temperatures when calibrated: [R, gamma] in (0, 1)."""
+    def confidence_logits(self, hidden, prev_ids) -> Optional[torch.Tensor]:
+        """Raw confidence logits z_k (before STS temperatures): [R, gamma], or None."""
         if self.confidence_head is None:
             return None
         features = hidden
         if self.config.confidence_head_with_markov:
             features = torch.cat([hidden, self.markov_head.prev_embeddings(prev_ids).to(hidden.dtype)], dim=-1)
-        logits = self.confidence_head(features).float()
+        return self.confidence_head(features).float()
+
+    def confidence(self, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """c_k = sigmoid(z_k / T_k), with the STS temperatures when calibrated: [R, gamma] in (0, 1)."""
+        if logits is None:
+            return None
         if self.config.confidence_temperatures:
             logits = logits / torch.tensor(self.config.confidence_temperatures, device=logits.device)
         return torch.sigmoid(logits)
@@ -280,7 +286,8 @@ class DSparkDraft(nn.Module):
         transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
         tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
                                                 temperature, top_k, top_p, transition, **hints)
-        return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(hidden, prev_ids))
+        logits = self.confidence_logits(hidden, prev_ids)
+        return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(logits), confidence_logits=logits)
 
 
 # --- the algorithm registry ---------------------------------------------------------------

@@ -53,7 +53,7 @@ class TargetAttention(nn.Module):
         keys, values = cache.read(self.layer_idx, batch.slots, batch.max_kv_len)  # [R, L, KVH, D]
         query = padded_queries(q, batch)                                         # [R, Qmax, H, D]
         query_pos = batch.start_positions.unsqueeze(1) + torch.arange(batch.max_query_len, device=x.device)
-        key_pos = torch.arange(batch.max_kv_len, device=x.device)
+        key_pos = torch.arange(keys.shape[1], device=x.device)   # max_kv_len, capped by the cache size
         mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)                 # [R, Qmax, L] causal
         out = backend.attention(query.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
                                 values.transpose(1, 2).to(q.dtype), mask.unsqueeze(1), self.head_dim ** -0.5)

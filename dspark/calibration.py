@@ -1,0 +1,125 @@
+"""Confidence calibration: metrics, Sequential Temperature Scaling (STS), and its online variant.
+
+The scheduler multiplies confidences into survivals a_k = prod_{i<=k} c_i and weighs them
+against the device's cost, so it needs their absolute values to be right, not only their
+order (paper §3.2.1). STS fixes that after training: on held-out rounds, for k = 1..gamma
+in order, pick the temperature T_k on the confidence logit that minimises the ECE of the
+cumulative product, keeping T_1..T_{k-1} fixed. Temperatures never reorder confidences.
+
+Labels come from served or replayed rounds: with verify length l and a accepted drafts,
+"the prefix up to k survived" is 1 for k <= a, 0 for a < k <= l, also 0 for every k > l
+when a < l (the prefix is already broken), and unknown for k > l when a == l.
+"""
+from collections import deque
+from typing import Optional, Sequence
+
+import torch
+
+DEFAULT_GRID = torch.logspace(-1.0, 1.0, 81).tolist()   # temperatures 0.1 .. 10
+
+
+def survival_labels(verify_lens: torch.Tensor, accepted: torch.Tensor, gamma: int):
+    """-> (labels [N, gamma] float, known [N, gamma] bool); see the module docstring."""
+    k = torch.arange(1, gamma + 1).unsqueeze(0)
+    lens, acc = verify_lens.unsqueeze(1), accepted.unsqueeze(1)
+    labels = (k <= acc).float()
+    known = (k <= lens) | (acc < lens)
+    return labels, known
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Equal-width-bin ECE: sum over bins of |mean confidence - accuracy| weighted by bin mass."""
+    probs, labels = probs.double().flatten(), labels.double().flatten()
+    if probs.numel() == 0:
+        return float("nan")
+    index = (probs * bins).long().clamp(max=bins - 1)
+    total = torch.zeros(bins, dtype=torch.float64).scatter_add_(0, index, torch.ones_like(probs))
+    conf = torch.zeros(bins, dtype=torch.float64).scatter_add_(0, index, probs)
+    hits = torch.zeros(bins, dtype=torch.float64).scatter_add_(0, index, labels)
+    used = total > 0
+    return float(((conf[used] - hits[used]).abs()).sum() / probs.numel())
+
+
+def auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve via the rank-sum (Mann-Whitney) statistic, ties averaged."""
+    probs, labels = probs.double().flatten(), labels.flatten().bool()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = probs.argsort()
+    ranks = torch.empty_like(probs)
+    ranks[order] = torch.arange(1, probs.numel() + 1, dtype=torch.float64)
+    for value in probs.unique():                      # average ranks over ties
+        tied = probs == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(((probs.double() - labels.double()) ** 2).mean()) if probs.numel() else float("nan")
+
+
+def cumulative_survival(logits: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """a_k = prod_{i<=k} sigmoid(z_i / T_i). logits: [N, gamma]."""
+    if temperatures is not None:
+        logits = logits / torch.tensor(list(temperatures), dtype=logits.dtype)
+    return torch.sigmoid(logits.double()).cumprod(dim=-1)
+
+
+def fit_sts(logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor,
+            grid: Sequence[float] = DEFAULT_GRID, bins: int = 15) -> list:
+    """Per-position temperatures, fitted left to right to minimise the ECE of the cumulative product."""
+    gamma = logits.shape[1]
+    temperatures: list = []
+    prefix = torch.ones(logits.shape[0], dtype=torch.float64)
+    for k in range(gamma):
+        rows = known[:, k]
+        best_t, best_ece = 1.0, float("inf")
+        if rows.any():
+            for t in grid:
+                survival = prefix[rows] * torch.sigmoid(logits[rows, k].double() / t)
+                ece = expected_calibration_error(survival, labels[rows, k], bins)
+                if ece < best_ece - 1e-12:
+                    best_t, best_ece = float(t), ece
+        temperatures.append(best_t)
+        prefix = prefix * torch.sigmoid(logits[:, k].double() / best_t)
+    return temperatures
+
+
+def calibration_report(logits, labels, known, temperatures=None, bins: int = 15) -> list:
+    """Per position: ECE, AUROC and Brier of the cumulative survival, and how many rows were known."""
+    survival = cumulative_survival(logits, temperatures)
+    report = []
+    for k in range(logits.shape[1]):
+        rows = known[:, k]
+        p, y = survival[rows, k], labels[rows, k]
+        report.append({"position": k + 1, "count": int(rows.sum()), "ece": expected_calibration_error(p, y, bins),
+                       "auroc": auroc(p, y), "brier": brier(p, y), "mean_confidence": float(p.mean()) if len(p) else
+                       float("nan"), "survival_rate": float(y.mean()) if len(y) else float("nan")})
+    return report
+
+
+class OnlineSTS:
+    """STS that keeps adapting while serving: rounds go into a sliding window and the
+    temperatures are refitted every `refit_every` rounds. The new temperatures depend only
+    on finished rounds, never on the block being scheduled, so scheduling stays lossless."""
+
+    def __init__(self, gamma: int, window: int = 4096, refit_every: int = 64, min_rows: int = 64,
+                 initial: Optional[Sequence[float]] = None):
+        self.gamma, self.refit_every, self.min_rows = gamma, refit_every, min_rows
+        self.rows: deque = deque(maxlen=window)
+        self.temperatures = list(initial) if initial else [1.0] * gamma
+        self.rounds = 0
+
+    def observe(self, logits: torch.Tensor, verify_lens: torch.Tensor, accepted: torch.Tensor) -> bool:
+        """Add one round ([R, gamma] raw logits, [R], [R]); returns True when it refitted."""
+        labels, known = survival_labels(verify_lens, accepted, self.gamma)
+        for row in zip(logits.double(), labels, known):
+            self.rows.append(row)
+        self.rounds += 1
+        if self.rounds % self.refit_every or len(self.rows) < self.min_rows:
+            return False
+        z, y, m = (torch.stack(column) for column in zip(*self.rows))
+        self.temperatures = fit_sts(z, y, m)
+        return True

@@ -1,0 +1,95 @@
+"""The hardware-aware prefix scheduler as the engine uses it.
+
+`schedule_prefix` is the public entry point over `dspark.ops.schedule`: it turns a
+CostModel (or a ready SPS tensor) into the SPS table for this batch and applies the
+chosen mode. `RoundPlanner` is the engine's per-run scheduling state: the cost model,
+cached SPS tables, and for `budget` mode the confidence history that the token budget
+K is computed from, `lag` rounds behind the current one (2 in the production pipeline:
+while round t runs on the device, the host plans round t + 1 from round t - 1's
+confidences, the newest ones already on the host).
+"""
+from collections import deque
+from typing import Optional, Union
+
+import torch
+
+from . import ops
+from .cost_model import CostModel, ModelSpec, analytic_cost_model, device_spec
+
+
+def schedule_prefix(
+    confidence: torch.Tensor,                 # [R, gamma] conditional confidences c_{r,j}
+    cost: Union[CostModel, torch.Tensor],     # a CostModel, or sps[B] (steps/s for B verify tokens)
+    mode: str = "causal",
+    *,
+    context_len: int = 0,
+    budget: Optional[int] = None,
+    earlier_confidence: Optional[torch.Tensor] = None,  # [R, gamma] history for mode="budget"
+    length: Optional[int] = None,
+    threshold: float = 0.5,
+    caps: Optional[torch.Tensor] = None,      # [R] per-request limits
+    max_verify_len: Optional[int] = None,
+) -> torch.Tensor:                            # [R] long verify lengths, 0 allowed
+    if confidence.dim() != 2:
+        raise ValueError(f"confidence must be [R, gamma], got shape {tuple(confidence.shape)}")
+    num_requests, gamma = confidence.shape
+    if isinstance(cost, CostModel):
+        sps = cost.sps_table(num_requests * (gamma + 1), num_requests, context_len)
+        if max_verify_len is None and cost.max_query_tokens_per_request:
+            max_verify_len = cost.max_query_tokens_per_request - 1
+    else:
+        sps = torch.as_tensor(cost, dtype=torch.float64)
+        if sps.dim() != 1:
+            raise ValueError("an SPS table must be 1-D: sps[B] = steps per second for B verify tokens")
+    if mode == "budget" and budget is None:
+        if earlier_confidence is None:
+            raise ValueError("mode='budget' needs a token budget or the confidences of an earlier round")
+        budget = ops.best_budget(earlier_confidence, sps, caps)
+    return ops.schedule(mode, gamma, confidence, num_requests, length=length, threshold=threshold, sps=sps.to(
+        confidence.device), budget=budget, caps=caps, max_verify_len=max_verify_len, device=confidence.device)
+
+
+def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] = None) -> CostModel:
+    """A measured profile when given, else the backend's analytic prior for this model."""
+    if profile is not None:
+        return CostModel.from_yaml(profile)
+    bytes_per_value = 4.0 if backend.default_dtype == torch.float32 else 2.0
+    return analytic_cost_model(device_spec(backend.device_prior()),
+                               ModelSpec.from_configs(target_cfg, draft_cfg, bytes_per_value))
+
+
+class RoundPlanner:
+    def __init__(self, cost: CostModel, gamma: int, device, lag: int = 2, context_bucket: int = 256):
+        self.cost, self.gamma, self.device, self.lag = cost, gamma, device, lag
+        self.context_bucket = context_bucket
+        self._tables: dict = {}
+        self._history: dict = {}                       # request key -> deque of [gamma] confidences
+        # Before a request has history, the population's running mean stands in (0.5 to start).
+        self._mean = torch.full((gamma,), 0.5)
+
+    def sps(self, num_requests: int, context_len: int) -> torch.Tensor:
+        bucket = (context_len // self.context_bucket + 1) * self.context_bucket
+        key = (num_requests, bucket)
+        if key not in self._tables:
+            table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, bucket)
+            self._tables[key] = table.to(self.device)
+        return self._tables[key]
+
+    def budget(self, keys: list, caps: list, context_len: int) -> int:
+        """K for this round from confidences `lag` rounds old (already on the host)."""
+        rows = []
+        for key in keys:
+            history = self._history.get(key)
+            rows.append(history[0] if history is not None and len(history) >= self.lag else self._mean)
+        earlier = torch.stack(rows)
+        sps = self.sps(len(keys), context_len).cpu()
+        return ops.best_budget(earlier, sps, torch.tensor(caps, dtype=torch.long))
+
+    def record(self, keys: list, confidence: torch.Tensor) -> None:
+        """Confidences of a finished round (host tensor [R, gamma])."""
+        for key, row in zip(keys, confidence):
+            self._history.setdefault(key, deque(maxlen=self.lag)).append(row)
+        self._mean = 0.9 * self._mean + 0.1 * confidence.mean(dim=0)
+
+    def forget(self, key) -> None:
+        self._history.pop(key, None)
