@@ -130,3 +130,19 @@ def test_one_host_sync_per_round_with_a_fixed_schedule(bigram_qwen3):
     engine = dspark.Engine.from_pretrained(target, draft=draft)
     engine.generate(ragged_prompts(3, seed=8), GREEDY)
     assert engine.round_host_syncs and set(engine.round_host_syncs) == {1}
+
+
+@pytest.mark.parametrize("schedule", ["causal", "budget"])
+def test_load_aware_schedules_are_lossless_and_sync_as_designed(bigram_qwen3, schedule):
+    target, draft = bigram_qwen3
+    prompts = ragged_prompts(6, seed=9)
+    plain = dspark.Engine.from_pretrained(target, dtype="float64").generate(prompts, GREEDY)
+    engine = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule=schedule, max_batch_size=4)
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == [p.token_ids for p in plain]
+    lens = [l for o in outputs for l in o.stats["verify_lens"]]
+    assert len(set(lens)) > 1                       # the scheduler really chose different lengths
+    # budget knows the step size on the host in advance: one copy per round; causal needs a second.
+    assert set(engine.round_host_syncs) == ({1} if schedule == "budget" else {2})
+    assert all(record["verify_tokens"] == record["requests"] + sum(record["verify_lens"].tolist())
+               for record in engine.round_log)

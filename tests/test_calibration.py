@@ -1,0 +1,60 @@
+"""Calibration metrics against hand-computed values; STS fixes a known miscalibration."""
+import pytest
+import torch
+
+from dspark.calibration import (OnlineSTS, auroc, brier, calibration_report, cumulative_survival,
+                                expected_calibration_error, fit_sts, survival_labels)
+
+
+def test_metrics_hand_computed():
+    probs = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert auroc(probs, labels) == pytest.approx(0.75)       # 3 of 4 positive/negative pairs ordered right
+    assert brier(probs, labels) == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    # Two bins: [0, .5) holds 0.1, 0.4, 0.35 (mean .2833, accuracy 1/3), [.5, 1] holds 0.8 (accuracy 1).
+    assert expected_calibration_error(probs, labels, bins=2) == pytest.approx(
+        (3 * abs(0.85 / 3 - 1 / 3) + abs(0.8 - 1.0)) / 4)
+    assert auroc(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])) == pytest.approx(0.5)   # ties
+
+
+def test_survival_labels():
+    labels, known = survival_labels(torch.tensor([3, 3, 1, 0]), torch.tensor([3, 1, 0, 0]), gamma=4)
+    assert labels.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert known.tolist() == [[True, True, True, False], [True, True, True, True],
+                              [True, True, True, True], [False, False, False, False]]
+
+
+def synthetic_rounds(n, gamma, seed, overconfidence=3.0):
+    """True conditional acceptance p_k; the head reports logits `overconfidence` times too sharp."""
+    generator = torch.Generator().manual_seed(seed)
+    true_logit = torch.randn(n, gamma, generator=generator) + 0.8
+    accepted_each = torch.rand(n, gamma, generator=generator) < torch.sigmoid(true_logit)
+    accepted = accepted_each.long().cumprod(-1).sum(-1)
+    lens = torch.full((n,), gamma)
+    labels, known = survival_labels(lens, accepted, gamma)
+    return true_logit * overconfidence, labels, known, lens, accepted
+
+
+def test_sts_recovers_calibration_on_held_out_data():
+    logits, labels, known, _, _ = synthetic_rounds(6000, 4, seed=0)
+    temperatures = fit_sts(logits, labels, known)
+    assert all(2.0 < t < 4.5 for t in temperatures[:2])                  # close to the true 3.0
+    test_logits, test_labels, test_known, _, _ = synthetic_rounds(6000, 4, seed=1)
+    before = calibration_report(test_logits, test_labels, test_known)
+    after = calibration_report(test_logits, test_labels, test_known, temperatures)
+    for b, a in zip(before, after):
+        assert a["ece"] < 0.5 * b["ece"]
+        # Each c_k keeps its order; the cumulative product of differently tempered terms may shift a little.
+        assert a["auroc"] == pytest.approx(b["auroc"], abs=0.03)
+    assert after[0]["auroc"] == pytest.approx(before[0]["auroc"])
+    assert cumulative_survival(test_logits, temperatures).shape == (6000, 4)
+
+
+def test_online_sts_adapts_while_serving():
+    online = OnlineSTS(gamma=4, refit_every=10, min_rows=500)
+    refits = 0
+    for seed in range(40):
+        logits, _, _, lens, accepted = synthetic_rounds(64, 4, seed=100 + seed)
+        refits += online.observe(logits, lens, accepted)
+    assert refits >= 3
+    assert 2.0 < online.temperatures[0] < 4.5
