@@ -276,34 +276,41 @@ class Engine:
         # Never verify more than the backend allows or the request may still emit (a round emits l + 1).
         caps = [min(backend.max_verify_len(gamma), r.room(self.max_model_len) - 1) for r in requests]
 
-        # 1-2. draft and schedule
-        proposal, schedule_s = None, 0.0
-        if self.draft is not None:
+        # 1-2. draft and schedule (load-aware modes first ask history whether drafting pays)
+        proposal, schedule_s, budget = None, 0.0, None
+        drafting = self.draft is not None
+        if drafting and self.config.schedule in ("causal", "budget"):
+            schedule_started = time.perf_counter()
+            budget = self.planner.plan([id(r) for r in requests], caps, max(starts))
+            drafting = budget is not None
+            schedule_s = time.perf_counter() - schedule_started
+        if drafting:
             proposal = self.draft.propose(anchors, torch.tensor(starts, device=device),
                                           torch.tensor(slots, device=device), self.draft_cache, backend,
                                           uniforms[:, :gamma], *sampling, **hints)
             draft_tokens, draft_probs = proposal.tokens, proposal.probs
             schedule_started = time.perf_counter()
-            verify_lens, num_verify = self._schedule(requests, proposal.confidence, caps, max(starts))
-            schedule_s = time.perf_counter() - schedule_started
+            verify_lens, num_verify = self._schedule(requests, proposal.confidence, caps, max(starts), budget)
+            schedule_s += time.perf_counter() - schedule_started
         else:
             vocab = self.target.config.vocab_size
             draft_tokens = torch.zeros(num, 0, dtype=torch.long, device=device)
             draft_probs = torch.zeros(num, 0, vocab, device=device)
             verify_lens, num_verify = torch.zeros(num, dtype=torch.long, device=device), 0
+        width = draft_tokens.shape[1]
 
         # 3. one target forward over the flattened [anchor, d_1 .. d_l] of every request
         batch = StepBatch.from_lengths(verify_lens + 1, starts, slots, num + num_verify, gamma + 1)
         block = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)            # [R, gamma + 1]
         batch.input_ids = block[batch.token_rows, batch.token_offsets]            # [N]
         out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
-        logits = out.logits.new_zeros(num, gamma + 1, out.logits.shape[-1])
-        logits[batch.token_rows, batch.token_offsets] = out.logits               # [R, gamma + 1, V]
+        logits = out.logits.new_zeros(num, width + 1, out.logits.shape[-1])
+        logits[batch.token_rows, batch.token_offsets] = out.logits               # [R, width + 1, V]
         target_probs = backend.sampling_probs(logits, *sampling, **hints)
 
         # 4. lossless acceptance
         result = backend.verify(draft_tokens, draft_probs, target_probs, verify_lens,
-                                uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
+                                uniforms[:, gamma:gamma + width], uniforms[:, 2 * gamma])
 
         # 5. commit: the round's one device -> host copy (tokens, counts, lengths, confidences)
         extra = () if proposal is None or proposal.confidence is None else \
@@ -326,7 +333,8 @@ class Engine:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
             self.draft.append_context(self.draft_cache, as_tensor(context_slots), as_tensor(context_positions),
                                       out.hidden[as_tensor(context_rows)])
-        record = {"requests": num, "verify_tokens": num + num_verify, "schedule_s": schedule_s}
+        record = {"requests": num, "verify_tokens": num + num_verify, "drafted": drafting, "schedule_s": schedule_s,
+                  "verify_lens": lens_host, "accepted": num_emitted - 1}
         if confidences:
             self._observe_confidences(requests, confidences[0], confidences[1], lens_host, num_emitted - 1, record)
         for row, r in enumerate(requests):
@@ -335,7 +343,7 @@ class Engine:
         record["round_s"] = time.perf_counter() - started
         self.round_log.append(record)
 
-    def _schedule(self, requests, confidence, caps: list, context_len: int):
+    def _schedule(self, requests, confidence, caps: list, context_len: int, budget: Optional[int]):
         """Verify lengths on the device, and the number of drafted tokens verified in total,
         which the host must know to lay out the step."""
         cfg, backend, num = self.config, self.backend, len(requests)
@@ -346,7 +354,6 @@ class Engine:
             lens = [max(0, min(length, cap)) for cap in caps]
             return torch.tensor(lens, dtype=torch.long, device=device), sum(lens)
         if cfg.schedule == "budget":
-            budget = self.planner.budget([id(r) for r in requests], caps, context_len)
             lens = backend.schedule("budget", self.gamma, confidence, num, budget=budget, caps=caps_tensor)
             return lens, min(budget, sum(max(cap, 0) for cap in caps))
         lens = backend.schedule(cfg.schedule, self.gamma, confidence, num, threshold=cfg.threshold,
@@ -356,7 +363,7 @@ class Engine:
     def _observe_confidences(self, requests, confidence, logits, verify_lens, accepted, record) -> None:
         """Feed finished-round confidences to the budget planner and the online calibrator."""
         self.planner.record([id(r) for r in requests], confidence)
-        record.update(confidence_logits=logits, verify_lens=verify_lens, accepted=accepted)
+        record["confidence_logits"] = logits
         if self.online_sts is not None and self.online_sts.observe(logits, verify_lens, accepted):
             self.draft.config.confidence_temperatures = list(self.online_sts.temperatures)
 

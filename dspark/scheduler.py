@@ -59,31 +59,50 @@ def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] =
 
 
 class RoundPlanner:
-    def __init__(self, cost: CostModel, gamma: int, device, lag: int = 2, context_bucket: int = 256):
+    """Scheduling state of one engine: SPS tables and confidence history.
+
+    Before each round of a load-aware mode, `plan` decides from history alone whether
+    drafting pays and, for budget mode, the token budget K. When it does not pay, the
+    round decodes plainly; every `probe_every` skipped rounds one round drafts anyway,
+    so that the history cannot go stale (a round count, not a token, decides: lossless).
+    """
+
+    def __init__(self, cost: CostModel, gamma: int, device, lag: int = 2, context_bucket: int = 256,
+                 probe_every: int = 8):
         self.cost, self.gamma, self.device, self.lag = cost, gamma, device, lag
-        self.context_bucket = context_bucket
+        self.context_bucket, self.probe_every = context_bucket, probe_every
+        self._skipped = 0
         self._tables: dict = {}
         self._history: dict = {}                       # request key -> deque of [gamma] confidences
         # Before a request has history, the population's running mean stands in (0.5 to start).
         self._mean = torch.full((gamma,), 0.5)
 
-    def sps(self, num_requests: int, context_len: int) -> torch.Tensor:
+    def sps(self, num_requests: int, context_len: int, with_draft: bool = True, on_device: bool = True):
+        """The SPS table for this batch size and context bucket (cached; on the device or the host)."""
         bucket = (context_len // self.context_bucket + 1) * self.context_bucket
-        key = (num_requests, bucket)
+        key = (num_requests, bucket, with_draft, on_device)
         if key not in self._tables:
-            table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, bucket)
-            self._tables[key] = table.to(self.device)
+            table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, bucket, with_draft)
+            self._tables[key] = table.to(self.device) if on_device else table
         return self._tables[key]
 
-    def budget(self, keys: list, caps: list, context_len: int) -> int:
-        """K for this round from confidences `lag` rounds old (already on the host)."""
+    def plan(self, keys: list, caps: list, context_len: int) -> Optional[int]:
+        """The token budget K for this round, or None to skip the draft (both from history only)."""
         rows = []
         for key in keys:
             history = self._history.get(key)
             rows.append(history[0] if history is not None and len(history) >= self.lag else self._mean)
-        earlier = torch.stack(rows)
-        sps = self.sps(len(keys), context_len).cpu()
-        return ops.best_budget(earlier, sps, torch.tensor(caps, dtype=torch.long))
+        earlier, caps_tensor = torch.stack(rows), torch.tensor(caps, dtype=torch.long)
+        num = len(keys)
+        budget = ops.plan_budget(earlier, self.sps(num, context_len, on_device=False),
+                                 self.sps(num, context_len, with_draft=False, on_device=False), caps_tensor)
+        if budget is None:
+            self._skipped += 1
+            if self._skipped < self.probe_every:
+                return None
+            budget = ops.best_budget(earlier, self.sps(num, context_len, on_device=False), caps_tensor)
+        self._skipped = 0
+        return budget
 
     def record(self, keys: list, confidence: torch.Tensor) -> None:
         """Confidences of a finished round (host tensor [R, gamma])."""

@@ -142,7 +142,10 @@ def test_load_aware_schedules_are_lossless_and_sync_as_designed(bigram_qwen3, sc
     assert [o.token_ids for o in outputs] == [p.token_ids for p in plain]
     lens = [l for o in outputs for l in o.stats["verify_lens"]]
     assert len(set(lens)) > 1                       # the scheduler really chose different lengths
-    # budget knows the step size on the host in advance: one copy per round; causal needs a second.
-    assert set(engine.round_host_syncs) == ({1} if schedule == "budget" else {2})
+    # budget knows the step size on the host in advance: one copy per round; causal needs a second
+    # whenever it drafts (a round whose history says drafting does not pay decodes plainly).
+    assert any(record["drafted"] for record in engine.round_log)
+    for record in engine.round_log:
+        assert record["host_syncs"] == (2 if schedule == "causal" and record["drafted"] else 1)
     assert all(record["verify_tokens"] == record["requests"] + sum(record["verify_lens"].tolist())
                for record in engine.round_log)

@@ -1,0 +1,177 @@
+"""Serving simulator: tokens/s per user and in aggregate vs concurrency, per scheduling mode.
+
+For devices we cannot run here, combine a cost model (measured or an analytic prior)
+with per-position acceptance statistics and play rounds of R concurrent requests:
+
+    confidences  c[r, k] ~ Beta with mean alpha_k (requests differ; concentration kappa),
+                 taken as calibrated: draft k survives with probability c[r, k]
+    schedule     none (no speculation), fixed-l, threshold, causal (Algorithm 1),
+                 budget (K from the confidences of `lag` rounds earlier, then top-K); the
+                 load-aware modes also skip the draft when history says it does not pay
+    time         verify(B, context) + draft(R)   (none: verify(R) only)
+    tokens       per request: accepted prefix + 1
+
+It reproduces the shape of the paper's Figures 7-8: fixed lengths win at low load and
+lose at high load, the load-aware modes follow the better of the two.
+"""
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+from .cost_model import CostModel
+
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class SimulationRow:
+    mode: str
+    concurrency: int
+    per_user_tokens_per_s: float
+    throughput_tokens_per_s: float
+    tau: float
+    verify_tokens_per_round: float
+
+
+def simulate(cost: CostModel, acceptance: Sequence[float], concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+             rounds: int = 64, context_len: int = 1024, threshold: float = 0.5, kappa: float = 4.0,
+             lag: int = 2, seed: int = 0, fixed_lengths: Optional[Sequence[int]] = None) -> list:
+    gamma = len(acceptance)
+    alpha = torch.tensor(list(acceptance), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+    fixed_lengths = list(fixed_lengths or range(1, gamma + 1))
+    limit = (cost.max_query_tokens_per_request - 1) if cost.max_query_tokens_per_request else gamma
+    rows = []
+    for requests in concurrency:
+        generator = torch.Generator().manual_seed(seed + requests)
+        beta = torch.distributions.Beta(alpha * kappa, (1 - alpha) * kappa)
+        torch.manual_seed(seed + requests)           # Beta sampling uses the global generator
+        confidences = [beta.sample((requests,)) for _ in range(rounds + lag)]
+        outcomes = [torch.rand(requests, gamma, generator=generator, dtype=torch.float64) for _ in range(rounds)]
+        sps = cost.sps_table(requests * (gamma + 1), requests, context_len)
+        sps_plain = cost.sps_table(requests * (gamma + 1), requests, context_len, with_draft=False)
+        caps = torch.full((requests,), min(gamma, limit), dtype=torch.long)
+
+        def run(mode, choose):
+            """choose(c, t) -> verify lengths, or None to skip the draft this round."""
+            tokens = seconds = verify_tokens = 0.0
+            for t in range(rounds):
+                c = confidences[t + lag]
+                lens = choose(c, t) if mode != "none" else None
+                drafted = lens is not None
+                if lens is None:
+                    lens = torch.zeros(requests, dtype=torch.long)
+                survived = (outcomes[t] < c).long().cumprod(-1).sum(-1)
+                tokens += float((torch.minimum(survived, lens) + 1).sum())
+                batch = requests + int(lens.sum())
+                verify_tokens += batch
+                seconds += cost.verify_time(batch, context_len) + (cost.draft_time(requests) if drafted else 0)
+            per_round = tokens / rounds / requests
+            return SimulationRow(mode, requests, tokens / requests / seconds, tokens / seconds, per_round,
+                                 verify_tokens / rounds)
+
+        rows.append(run("none", None))
+        for length in fixed_lengths:
+            rows.append(run(f"fixed-{length}", lambda c, t, length=length: torch.minimum(
+                torch.full((requests,), length, dtype=torch.long), caps)))
+        rows.append(run("threshold", lambda c, t: torch.minimum(ops.schedule_threshold(c, threshold), caps)))
+        def load_aware(c, t, mode):
+            budget = ops.plan_budget(confidences[t], sps, sps_plain, caps)   # history: `lag` rounds old
+            if budget is None:
+                return None                                                  # drafting does not pay
+            return ops.schedule_causal(c, sps, caps) if mode == "causal" else ops.schedule_topk(c, budget, caps)
+
+        rows.append(run("causal", lambda c, t: load_aware(c, t, "causal")))
+        rows.append(run("budget", lambda c, t: load_aware(c, t, "budget")))
+    return rows
+
+
+def best_fixed(rows: list) -> dict:
+    """concurrency -> the fixed-length row with the highest throughput."""
+    best = {}
+    for row in rows:
+        if row.mode.startswith("fixed-") and (row.concurrency not in best or
+                                               row.throughput_tokens_per_s > best[row.concurrency].throughput_tokens_per_s):
+            best[row.concurrency] = row
+    return best
+
+
+def markdown_table(rows: list) -> str:
+    modes = ["none", "fixed-best", "threshold", "causal", "budget"]
+    best = best_fixed(rows)
+    by_key = {(r.mode, r.concurrency): r for r in rows}
+    lines = ["| concurrency | " + " | ".join(f"{m} (tok/s/user, total)" for m in modes) + " |",
+             "|---" * (len(modes) + 1) + "|"]
+    for requests in sorted({r.concurrency for r in rows}):
+        cells = []
+        for mode in modes:
+            row = best[requests] if mode == "fixed-best" else by_key[(mode, requests)]
+            label = f" [{row.mode}]" if mode == "fixed-best" else ""
+            cells.append(f"{row.per_user_tokens_per_s:.1f}, {row.throughput_tokens_per_s:.0f}{label}")
+        lines.append(f"| {requests} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path, title: str = "") -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or dspark[plot])") from None
+    best = best_fixed(rows)
+    series = {}
+    for row in rows:
+        if row.mode.startswith("fixed-"):
+            continue
+        series.setdefault(row.mode, []).append(row)
+    series["fixed-best"] = [best[c] for c in sorted(best)]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, points in series.items():
+        points = sorted(points, key=lambda r: r.concurrency)
+        xs = [p.concurrency for p in points]
+        axes[0].plot(xs, [p.per_user_tokens_per_s for p in points], marker="o", label=mode)
+        axes[1].plot(xs, [p.throughput_tokens_per_s for p in points], marker="o", label=mode)
+    for axis, label in zip(axes, ("tokens/s per user", "aggregate tokens/s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent requests")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_cost_model(cost: CostModel, path, title: str = "") -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or dspark[plot])") from None
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = list(range(1, cost.verify_tokens[-1] + 1))
+    for context in cost.context_lens:
+        times = [cost.verify_time(b, context) * 1e3 for b in tokens]
+        axes[0].plot(tokens, times, label=f"context {context}")
+        axes[0].scatter(cost.verify_tokens, [cost.verify_time(b, context) * 1e3 for b in cost.verify_tokens], s=12)
+    axes[0].set_xlabel("verify tokens B")
+    axes[0].set_ylabel("target forward (ms)")
+    axes[0].legend()
+    axes[1].plot(cost.draft_requests, [t * 1e3 for t in cost.draft_seconds], marker="o")
+    axes[1].set_xlabel("requests R")
+    axes[1].set_ylabel("draft round (ms)")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.suptitle(title or f"{cost.source} cost model: {cost.device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def rows_as_dicts(rows: list) -> list:
+    return [asdict(r) for r in rows]
