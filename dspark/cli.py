@@ -1,4 +1,4 @@
-"""The `dspark` command line: generate, init-draft, info.
+"""The `dspark` command line: generate, init-draft, info (+ calibrate, sts, simulate from cli_scheduling).
 
 Each subcommand is a thin layer over the public API (`dspark.Engine`,
 `dspark.init_draft`, `dspark.backends`); option defaults come from the same
@@ -144,7 +144,8 @@ def _cmd_generate(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     config = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, schedule=args.schedule,
-                          verify_len=args.verify_len, threshold=args.threshold)
+                          verify_len=args.verify_len, threshold=args.threshold, cost_profile=args.cost_profile,
+                          calibration=args.calibration)
     prompts = _collect_prompts(args.prompts)
     backend = get_backend(args.backend)
 
@@ -353,8 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     engine = gen.add_argument_group("engine")
     engine.add_argument("--schedule", choices=SCHEDULE_MODES, default=_default(EngineConfig, "schedule"),
-                        help="fixed: verify --verify-len drafts (default: the whole block); threshold: verify "
-                             "while the draft's survival >= --threshold (DSpark drafts) (default: %(default)s)")
+                        help="fixed: verify --verify-len drafts (default: the whole block); threshold: while the "
+                             "draft's survival >= --threshold; causal: paper Algorithm 1 against the device cost "
+                             "model; budget: the zero-overhead load-aware variant. All but fixed need a DSpark "
+                             "draft (default: %(default)s)")
+    engine.add_argument("--cost-profile", metavar="FILE.yaml",
+                        help="measured cost profile from `dspark calibrate` (default: the backend's analytic prior)")
+    engine.add_argument("--calibration", choices=["offline", "online"], default="offline",
+                        help="online: keep refitting the confidence temperatures while generating")
     engine.add_argument("--verify-len", type=int, default=None, metavar="N",
                         help="drafted tokens verified per round with --schedule fixed")
     engine.add_argument("--threshold", type=float, default=_default(EngineConfig, "threshold"), metavar="X",
@@ -399,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  DSPARK_BACKEND=cuda dspark info --json")
     info.add_argument("--json", action="store_true", help="print one JSON document")
     info.set_defaults(run=_cmd_info)
+
+    from .cli_scheduling import add_commands
+
+    add_commands(commands, formatter, _para)
     return parser
 
 

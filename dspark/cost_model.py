@@ -118,9 +118,10 @@ class CostModel:
             raise ValueError("verify_seconds must have one row per context bucket and one column per verify_tokens")
         if len(self.draft_seconds) != len(self.draft_requests):
             raise ValueError("draft_seconds must have one entry per draft_requests")
-        # Monotone by construction: a bigger batch never costs less (measurement noise aside).
-        self.verify_seconds = [_cummax(row) for row in self.verify_seconds]
-        self.draft_seconds = _cummax(self.draft_seconds)
+        # Monotone by construction: a bigger batch never costs less. Isotonic regression, not a
+        # running max, so one noisy spike in a measurement cannot flatten the rest of the curve.
+        self.verify_seconds = [_isotonic(row) for row in self.verify_seconds]
+        self.draft_seconds = _isotonic(self.draft_seconds)
 
     # ------------------------------------------------------------------ lookups
     def verify_time(self, tokens: int, context_len: int = 0) -> float:
@@ -174,12 +175,15 @@ class CostModel:
             raise ValueError(f"cost profile {path}: {exc}") from None
 
 
-def _cummax(values: Sequence[float]) -> list:
-    out, best = [], -math.inf
+def _isotonic(values: Sequence[float]) -> list:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks = []                                   # [mean, count]
     for v in values:
-        best = max(best, float(v))
-        out.append(best)
-    return out
+        blocks.append([float(v), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [mean for mean, count in blocks for _ in range(count)]
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:

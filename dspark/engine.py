@@ -33,6 +33,7 @@ from .backends import Backend, get_backend
 from .calibration import OnlineSTS
 from .errors import NumericalError
 from .models import StepBatch, load_draft, load_target
+from .models.batch import consecutive_range
 from .params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
 from .scheduler import RoundPlanner, cost_model_for
 
@@ -287,7 +288,8 @@ class Engine:
         if drafting:
             proposal = self.draft.propose(anchors, torch.tensor(starts, device=device),
                                           torch.tensor(slots, device=device), self.draft_cache, backend,
-                                          uniforms[:, :gamma], *sampling, **hints)
+                                          uniforms[:, :gamma], *sampling, slot_range=consecutive_range(slots),
+                                          **hints)
             draft_tokens, draft_probs = proposal.tokens, proposal.probs
             schedule_started = time.perf_counter()
             verify_lens, num_verify = self._schedule(requests, proposal.confidence, caps, max(starts), budget)

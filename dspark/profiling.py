@@ -88,4 +88,4 @@ def profile_engine(engine, context_lens: Sequence[int] = (64, 256), max_tokens: 
                      max_query_tokens_per_request=backend.max_query_tokens_per_request,
                      meta={"backend": backend.name, "dtype": str(engine.dtype).replace("torch.", ""),
                            "gamma": engine.gamma, "max_batch_size": slots, "repeats": repeats,
-                           "date": date.today().isoformat(), "torch": torch.__version__})
+                           "date": date.today().isoformat(), "torch": str(torch.__version__)})

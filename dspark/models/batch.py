@@ -14,7 +14,7 @@ Example: requests with cache lengths [5, 9] verifying 3 and 1 tokens:
     cu_query_lens = [0, 3, 4]
 """
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,6 +32,9 @@ class StepBatch:
     cu_query_lens: torch.Tensor  # [R + 1] long, offsets of each request in the flat batch
     max_query_len: int
     max_kv_len: int              # max over requests of start + query_len (an upper bound is fine)
+    # (first, stop) when the requests occupy consecutive cache slots in order: the cache can
+    # then hand out a view instead of gathering (known on the host when the batch is built).
+    slot_range: Optional[tuple] = None
 
     @property
     def num_requests(self) -> int:
@@ -71,6 +74,7 @@ class StepBatch:
             start_positions=tensor(list(start_positions)), query_lens=tensor(query_lens), cu_query_lens=tensor(cu),
             max_query_len=max(query_lens),
             max_kv_len=max(s + n for s, n in zip(start_positions, query_lens)),
+            slot_range=consecutive_range(slots),
         )
 
     @classmethod
@@ -94,13 +98,20 @@ class StepBatch:
             input_ids=torch.zeros(num_tokens, dtype=torch.long, device=device), positions=starts[rows] + offsets,
             token_rows=rows, token_offsets=offsets, token_slots=slot_tensor[rows], slots=slot_tensor,
             start_positions=starts, query_lens=query_lens, cu_query_lens=cu, max_query_len=max_query_len,
-            max_kv_len=max(start_positions) + max_query_len,
+            max_kv_len=max(start_positions) + max_query_len, slot_range=consecutive_range(slots),
         )
 
     @classmethod
     def make_dummy(cls, num_requests: int, query_len: int, start: int, device: torch.device) -> "StepBatch":
         """A batch of R requests with `query_len` zero tokens each at `start` (warm-up, tests)."""
         return cls.build([[0] * query_len] * num_requests, [start] * num_requests, list(range(num_requests)), device)
+
+
+def consecutive_range(slots: Sequence[int]) -> Optional[tuple]:
+    slots = list(slots)
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slots[0], slots[0] + len(slots)
+    return None
 
 
 class KVCache:
@@ -126,6 +137,13 @@ class KVCache:
         self.k[layer, token_slots, positions] = k.to(self.k.dtype)
         self.v[layer, token_slots, positions] = v.to(self.v.dtype)
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, length) for each slot: 2 x [R, length, KVH, D]."""
-        return self.k[layer, slots, :length], self.v[layer, slots, :length]
+    def read(self, layer: int, slots: torch.Tensor, length: int,
+             slot_range: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) for each slot: 2 x [R, length, KVH, D].
+        With `slot_range` (consecutive slots) these are views; otherwise only the needed
+        positions are gathered (slice first, then select slots)."""
+        if slot_range is not None:
+            first, stop = slot_range
+            return self.k[layer, first:stop, :length], self.v[layer, first:stop, :length]
+        return (self.k[layer, :, :length].index_select(0, slots),
+                self.v[layer, :, :length].index_select(0, slots))

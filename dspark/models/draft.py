@@ -240,7 +240,7 @@ class DSparkDraft(nn.Module):
             k, v = layer.self_attn.keys_values(ctx, cos, sin)
             cache.write(i, token_slots, positions, k, v)
 
-    def backbone(self, anchor_ids, start_positions, slots, cache: KVCache, backend):
+    def backbone(self, anchor_ids, start_positions, slots, cache: KVCache, backend, slot_range=None):
         """One parallel pass over the block. Returns (hidden [R, gamma, d] after the final norm,
         base logits U [R, gamma, V])."""
         cfg = self.config
@@ -255,7 +255,7 @@ class DSparkDraft(nn.Module):
         ctx_len = max(int(start_positions.max()), 1)
         ctx_mask = torch.arange(ctx_len, device=x.device).unsqueeze(0) < start_positions.unsqueeze(1)  # [R, L]
         for i, layer in enumerate(self.layers):
-            ctx_k, ctx_v = cache.read(i, slots, ctx_len)
+            ctx_k, ctx_v = cache.read(i, slots, ctx_len, slot_range)
             x = layer(x, cos, sin, ctx_k, ctx_v, ctx_mask, backend)
         hidden = self.norm(x if cfg.anchor_as_first else x[:, 1:])
         return hidden, self.lm_head(hidden)
@@ -279,10 +279,10 @@ class DSparkDraft(nn.Module):
 
     @torch.no_grad()
     def propose(self, anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p,
-                **hints):
+                slot_range=None, **hints):
         """Draft one block per request. anchor_ids, start_positions, slots: [R]; uniforms: [R, gamma].
         hints: host-known sampling hints for `ops.sampling_probs` (all_greedy, filtered)."""
-        hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend)
+        hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend, slot_range)
         transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
         tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
                                                 temperature, top_k, top_p, transition, **hints)

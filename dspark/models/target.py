@@ -50,7 +50,7 @@ class TargetAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(self.layer_idx, batch.token_slots, batch.positions, k, v)
 
-        keys, values = cache.read(self.layer_idx, batch.slots, batch.max_kv_len)  # [R, L, KVH, D]
+        keys, values = cache.read(self.layer_idx, batch.slots, batch.max_kv_len, batch.slot_range)  # [R, L, KVH, D]
         query = padded_queries(q, batch)                                         # [R, Qmax, H, D]
         query_pos = batch.start_positions.unsqueeze(1) + torch.arange(batch.max_query_len, device=x.device)
         key_pos = torch.arange(keys.shape[1], device=x.device)   # max_kv_len, capped by the cache size
