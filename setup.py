@@ -34,7 +34,8 @@ setup(
         "ascend": ["torch_npu"],
         # Triton kernels for the CUDA backend (also runnable under TRITON_INTERPRET=1).
         "cuda": ["triton"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
     },
     entry_points={"console_scripts": ["dspark=dspark.cli:main"]},
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .backends import BACKENDS, ENV_VAR, get_backend
-from .calibration import calibration_report, fit_sts, survival_labels
+from .calibration import fit_from_engine
 from .cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
 from .engine import Engine
 from .models import DraftConfig, TargetConfig
@@ -62,33 +62,24 @@ def _cmd_sts(args) -> int:
                                     max_batch_size=args.max_batch_size)
     if engine.draft.confidence_head is None:
         raise ValueError(f"draft {draft_path} has no confidence head: STS calibrates DSpark confidences")
-    engine.draft.config.confidence_temperatures = None          # fit on raw logits
     prompts = _sts_prompts(args, engine)
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=i,
                              ignore_eos=True) for i in range(len(prompts))]
     _progress(f"replaying {len(prompts)} prompts with full-block verification to collect confidences ...")
-    engine.generate(prompts, params)
-    records = [r for r in engine.round_log if "confidence_logits" in r]
-    logits = torch.cat([r["confidence_logits"] for r in records])
-    labels, known = survival_labels(torch.cat([r["verify_lens"] for r in records]),
-                                    torch.cat([r["accepted"] for r in records]), engine.gamma)
-    fit_rows = torch.arange(len(logits)) % 2 == 0              # fit on half, report on the other half
-    temperatures = fit_sts(logits[fit_rows], labels[fit_rows], known[fit_rows])
-    held = ~fit_rows
-    before = calibration_report(logits[held], labels[held], known[held])
-    after = calibration_report(logits[held], labels[held], known[held], temperatures)
+    fitted = fit_from_engine(engine, prompts, params)
+    temperatures, before, after = fitted["temperatures"], fitted["before"], fitted["after"]
     if args.write:
         config_path = draft_path / "config.json"
         config = json.loads(config_path.read_text())
         config["confidence_temperatures"] = temperatures
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         _progress(f"wrote confidence_temperatures into {config_path}")
-    document = {"temperatures": temperatures, "rounds": len(logits), "held_out_before": before,
+    document = {"temperatures": temperatures, "rounds": fitted["rows"], "held_out_before": before,
                 "held_out_after": after}
     if args.json:
         print(json.dumps(document))
         return 0
-    print(f"STS temperatures: {', '.join(f'{t:.3f}' for t in temperatures)}  ({len(logits)} request-rounds)")
+    print(f"STS temperatures: {', '.join(f'{t:.3f}' for t in temperatures)}  ({fitted['rows']} request-rounds)")
     print("| position | rows | ECE before | ECE after | AUROC | Brier before | Brier after |")
     print("|---|---|---|---|---|---|---|")
     for b, a in zip(before, after):

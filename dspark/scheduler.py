@@ -4,9 +4,10 @@
 CostModel (or a ready SPS tensor) into the SPS table for this batch and applies the
 chosen mode. `RoundPlanner` is the engine's per-run scheduling state: the cost model,
 cached SPS tables, and for `budget` mode the confidence history that the token budget
-K is computed from, `lag` rounds behind the current one (2 in the production pipeline:
-while round t runs on the device, the host plans round t + 1 from round t - 1's
-confidences, the newest ones already on the host).
+K is computed from, up to `lag` drafted rounds behind the current one (2 in the production
+pipeline: while round t runs on the device, the host plans round t + 1 from round t - 1's
+confidences, the newest ones already on the host). Anything from a finished round keeps
+the schedule lossless; only the current block's confidences must not decide K.
 """
 from collections import deque
 from typing import Optional, Union
@@ -74,8 +75,9 @@ class RoundPlanner:
         self._skipped = 0
         self._tables: dict = {}
         self._history: dict = {}                       # request key -> deque of [gamma] confidences
-        # Before a request has history, the population's running mean stands in (0.5 to start).
-        self._mean = torch.full((gamma,), 0.5)
+        # Before a request has history, the population's running mean stands in. It starts
+        # optimistic (1.0): the first rounds draft, and their confidences correct it.
+        self._mean = torch.ones(gamma)
 
     def sps(self, num_requests: int, context_len: int, with_draft: bool = True, on_device: bool = True):
         """The SPS table for this batch size and context bucket (cached; on the device or the host)."""
@@ -88,10 +90,12 @@ class RoundPlanner:
 
     def plan(self, keys: list, caps: list, context_len: int) -> Optional[int]:
         """The token budget K for this round, or None to skip the draft (both from history only)."""
+        # A request's oldest kept confidences: `lag` drafted rounds back when it has them, else
+        # its newest. Either way they come from finished rounds, never from the current block.
         rows = []
         for key in keys:
             history = self._history.get(key)
-            rows.append(history[0] if history is not None and len(history) >= self.lag else self._mean)
+            rows.append(history[0] if history else self._mean)
         earlier, caps_tensor = torch.stack(rows), torch.tensor(caps, dtype=torch.long)
         num = len(keys)
         budget = ops.plan_budget(earlier, self.sps(num, context_len, on_device=False),

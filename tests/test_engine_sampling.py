@@ -13,6 +13,7 @@ import torch
 
 import dspark
 from dspark import ops
+from dspark.cost_model import CostModel
 from stats import chi_square_pvalue
 from dspark.testing import load_hf, make_agreeing_draft, make_target
 
@@ -98,10 +99,14 @@ def test_same_seed_reproduces_and_different_seeds_differ(bigram_qwen3):
 
 
 @pytest.mark.parametrize("schedule", ["causal", "budget"])
-def test_load_aware_schedules_sample_the_exact_target_distribution(small_vocab_pair, schedule):
+def test_load_aware_schedules_sample_the_exact_target_distribution(small_vocab_pair, schedule, tmp_path):
     target, draft = small_vocab_pair
     exact = filtered_exact_distribution(target, 1.0, 0, 1.0)
-    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=512, schedule=schedule)
+    # A device where verifying extra tokens is cheap, so both schedulers do verify drafts.
+    profile = CostModel(device="test", source="measured", verify_tokens=[1, 8192], context_lens=[0],
+                        verify_seconds=[[1.0, 1.2]], draft_requests=[1], draft_seconds=[0.05])
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=512, schedule=schedule,
+                                           cost_profile=str(profile.to_yaml(tmp_path / "cheap.yaml")))
     counts, outputs = empirical_counts(engine, 1.0, 0, 1.0)
     assert chi_square_pvalue(counts, exact) > 1e-3
     lens = [l for o in outputs for l in o.stats["verify_lens"]]

@@ -32,24 +32,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from dspark.testing import make_agreeing_draft, make_target
+    from dspark.testing import synthetic_pair
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dspark-quickstart-"))
-    target, draft = workdir / "target", workdir / "draft"
     started = time.perf_counter()
-    if not (target / "config.json").is_file():
-        print(f"[1/3] building a synthetic Qwen3 target (hidden 512, 8 layers, vocab 2048) in {target}", flush=True)
-        make_target(target, "qwen3", vocab=2048, layers=8, hidden=512, intermediate=1536, seed=0,
-                    context_scale=0.003, logit_scale=12.0, max_positions=1024)
-    if not (draft / "config.json").is_file():
-        print(f"[2/3] building a DSpark draft for it (1 layer, block 6, closed-form Markov head) in {draft}", flush=True)
-        make_agreeing_draft(target, draft, block_size=6, num_layers=1)
+    print(f"[1/2] building a synthetic Qwen3 target (hidden 512, 8 layers, vocab 2048) and a DSpark draft for it\n"
+          f"      (1 layer, block 6, closed-form Markov head) in {workdir}", flush=True)
+    target, draft = synthetic_pair(workdir)
     print(f"      models ready in {time.perf_counter() - started:.1f} s", flush=True)
 
     prompts = ["--prompt-ids", "1,2,3,4", "--prompt-ids", "100,200,300", "--prompt-ids", "7"]
     common = ["--target", str(target), *prompts, "--max-new-tokens", str(args.max_new_tokens),
               "--ignore-eos", "--max-batch-size", "1", "--json"]
-    print("[3/3] decoding 3 prompts at batch 1, greedy: plain target, then target + DSpark draft", flush=True)
+    print("[2/2] decoding 3 prompts at batch 1, greedy: plain target, then target + DSpark draft", flush=True)
     plain = run_cli("generate", *common)
     spec = run_cli("generate", *common, "--draft", str(draft))
 

@@ -1,0 +1,133 @@
+"""Tokens/s vs concurrency on this machine for every scheduling mode (issue: load-aware scheduling).
+
+    python tools/bench_concurrency.py [--workdir DIR] [--concurrency 1,2,4,8,16,32] [--max-new-tokens 48]
+                                      [--out docs/bench_concurrency] [--backend cpu]
+
+Builds (or reuses) the synthetic target + DSpark draft pair from dspark.testing, measures
+a cost profile with `profile_engine` (what `dspark calibrate` does), then at each
+concurrency C decodes C random prompts together, greedy, with: no speculation, fixed
+verify lengths, threshold, causal and budget. Every speculative run is compared token by
+token with no speculation and any mismatch aborts the benchmark. Writes a Markdown
+table, a JSON file with the raw numbers and a PNG plot next to `--out`.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import dspark
+from dspark.profiling import profile_engine
+from dspark.testing import synthetic_pair
+
+
+def run(target, draft, prompts, params, repeats, **config):
+    engine = dspark.Engine.from_pretrained(target, draft=draft, **config)
+    engine.generate(prompts[:2], dspark.SamplingParams(max_new_tokens=4, ignore_eos=True))   # warm-up
+    times, outputs = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        outputs = engine.generate(prompts, params)
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    tokens = sum(len(o.token_ids) for o in outputs)
+    rounds = engine.round_log
+    schedule_share = sum(r["schedule_s"] for r in rounds) / max(sum(r["round_s"] for r in rounds), 1e-12)
+    verify = sum(r["verify_tokens"] for r in rounds) / max(len(rounds), 1)
+    taus = [o.stats["tau"] for o in outputs if o.stats["tau"] is not None]
+    return outputs, {"seconds": seconds, "tokens": tokens, "throughput": tokens / seconds,
+                     "per_user": tokens / seconds / len(prompts), "tau": sum(taus) / len(taus) if taus else 1.0,
+                     "verify_tokens_per_round": verify, "schedule_share": schedule_share,
+                     "drafted_rounds": sum(1 for r in rounds if r.get("drafted", False)) / max(len(rounds), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="where the synthetic models live (default: a temporary folder)")
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--fixed", default="1,2,4,6", help="fixed verify lengths to run")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--out", default="docs/bench_concurrency", help="output prefix (.md, .json, .png)")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dspark-bench-"))
+    target, draft = synthetic_pair(workdir)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    profile_path = workdir / "profile.yaml"
+    print(f"profiling the engine on this device -> {profile_path}", file=sys.stderr, flush=True)
+    profiler = dspark.Engine.from_pretrained(target, draft=draft, backend=args.backend,
+                                             max_batch_size=max(concurrency))
+    profile_engine(profiler, context_lens=(64, 256), repeats=3,
+                   progress=lambda m: print("  " + m, file=sys.stderr, flush=True)).to_yaml(profile_path)
+    del profiler
+
+    modes = [("none", None, {})] + [(f"fixed-{n}", draft, {"schedule": "fixed", "verify_len": n})
+                                     for n in map(int, args.fixed.split(","))]
+    modes += [("threshold", draft, {"schedule": "threshold", "threshold": 0.5}),
+              ("causal", draft, {"schedule": "causal", "cost_profile": str(profile_path)}),
+              ("budget", draft, {"schedule": "budget", "cost_profile": str(profile_path)})]
+    results = []
+    for c in concurrency:
+        generator = torch.Generator().manual_seed(c)
+        prompts = [torch.randint(0, 2048, (int(n),), generator=generator).tolist()
+                   for n in torch.randint(4, 64, (c,), generator=generator)]
+        params = dspark.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        baseline = None
+        for name, draft_dir, config in modes:
+            outputs, numbers = run(target, draft_dir, prompts, params, args.repeats, backend=args.backend,
+                                   max_batch_size=c, **config)
+            if baseline is None:
+                baseline = [o.token_ids for o in outputs]
+            elif [o.token_ids for o in outputs] != baseline:
+                sys.exit(f"LOSSLESS CHECK FAILED: {name} at concurrency {c} differs from no speculation")
+            results.append({"mode": name, "concurrency": c, **numbers})
+            print(f"C={c:<3d} {name:<10s} {numbers['throughput']:8.1f} tok/s  {numbers['per_user']:7.1f} tok/s/user"
+                  f"  tau {numbers['tau']:.2f}  B/round {numbers['verify_tokens_per_round']:6.1f}"
+                  f"  scheduler {100 * numbers['schedule_share']:.2f}% of round", file=sys.stderr, flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+    names = [m[0] for m in modes]
+    lines = ["| concurrency | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for c in concurrency:
+        row = {r["mode"]: r for r in results if r["concurrency"] == c}
+        lines.append(f"| {c} | " + " | ".join(f"{row[n]['throughput']:.0f}" for n in names) + " |")
+    lines.append("")
+    lines.append("Scheduler time as a share of the round (causal / budget): " + ", ".join(
+        f"C={r['concurrency']} {r['mode']} {100 * r['schedule_share']:.2f}%" for r in results
+        if r["mode"] in ("causal", "budget")))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        points = [r for r in results if r["mode"] == name]
+        style = "-" if name in ("none", "causal", "budget", "threshold") else ":"
+        axes[0].plot([p["concurrency"] for p in points], [p["throughput"] for p in points], style, marker="o",
+                     label=name)
+        axes[1].plot([p["concurrency"] for p in points], [p["per_user"] for p in points], style, marker="o",
+                     label=name)
+    for axis, label in zip(axes, ("aggregate tokens/s", "tokens/s per user")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent requests")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("dspark on this CPU: synthetic Qwen3 target + DSpark draft, greedy, measured cost profile")
+    figure.tight_layout()
+    figure.savefig(out.with_suffix(".png"), dpi=110)
+    print(f"wrote {out.with_suffix('.md')}, .json, .png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
