@@ -4,6 +4,8 @@ Layers (each imports only those below it):
     dspark.ops        pure tensor ops: sampling, draft block sampling, verify, schedule
     dspark.backends   device facts + the operator interface (cpu, cuda, ascend)
     dspark.models     target runner, KV cache, drafts, checkpoints
+    dspark.cost_model, dspark.scheduler, dspark.calibration
+                      cost tables per device, the prefix-scheduler state, confidence calibration
     dspark.engine     the draft -> schedule -> verify round loop with continuous batching
     dspark (this)     the public API; dspark.cli on top
 
@@ -15,10 +17,13 @@ from .backends import Backend, BackendUnavailableError, available_backends, get_
 from .engine import Engine
 from .errors import CheckpointError, DraftMismatchError, DSparkError, NumericalError
 from .models import init_draft
+from .cost_model import CostModel, analytic_cost_model, device_spec
 from .params import EngineConfig, GenerationOutput, SamplingParams, StreamEvent
+from .scheduler import schedule_prefix
 
 __version__ = "0.1.0"
 
-__all__ = ["Backend", "BackendUnavailableError", "CheckpointError", "DSparkError", "DraftMismatchError", "Engine",
+__all__ = ["Backend", "BackendUnavailableError", "CheckpointError", "CostModel", "DSparkError", "DraftMismatchError",
+           "Engine", "analytic_cost_model", "device_spec", "schedule_prefix",
            "EngineConfig", "GenerationOutput", "NumericalError", "SamplingParams", "StreamEvent",
            "available_backends", "get_backend", "init_draft", "__version__"]

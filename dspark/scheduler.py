@@ -12,6 +12,7 @@ the schedule lossless; only the current block's confidences must not decide K.
 from collections import deque
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from . import ops
@@ -59,6 +60,25 @@ def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] =
                                ModelSpec.from_configs(target_cfg, draft_cfg, bytes_per_value))
 
 
+def plan_budget_host(earlier: np.ndarray, sps_with_draft: np.ndarray, sps_without_draft: np.ndarray,
+                     caps: np.ndarray) -> Optional[int]:
+    """`ops.plan_budget` for the host planner, in NumPy: the same search (same ranking and
+    tie-break, same first maximum), without the per-op overhead of small torch tensors.
+    The planner runs on the host every round, so this is its hot path; the test suite
+    checks that both give the same answer."""
+    num_requests, gamma = earlier.shape
+    survival = np.cumprod(earlier.astype(np.float64), axis=1)
+    valid = np.arange(gamma)[None, :] < np.minimum(caps, gamma)[:, None]
+    values = np.sort(survival[valid])[::-1]                          # admissible survivals, descending
+    tau = num_requests + np.concatenate([[0.0], np.cumsum(np.clip(values, 0, None))])
+    batch = num_requests + np.arange(values.size + 1)
+    rate = np.where(batch < sps_with_draft.size, sps_with_draft[np.minimum(batch, sps_with_draft.size - 1)], 0.0)
+    theta = tau * rate
+    budget = int(np.argmax(theta))
+    plain = num_requests * sps_without_draft[num_requests] if num_requests < sps_without_draft.size else 0.0
+    return budget if theta[budget] > plain else None
+
+
 class RoundPlanner:
     """Scheduling state of one engine: SPS tables and confidence history.
 
@@ -77,15 +97,16 @@ class RoundPlanner:
         self._history: dict = {}                       # request key -> deque of [gamma] confidences
         # Before a request has history, the population's running mean stands in. It starts
         # optimistic (1.0): the first rounds draft, and their confidences correct it.
-        self._mean = torch.ones(gamma)
+        self._mean = np.ones(gamma)
 
     def sps(self, num_requests: int, context_len: int, with_draft: bool = True, on_device: bool = True):
-        """The SPS table for this batch size and context bucket (cached; on the device or the host)."""
+        """The SPS table for this batch size and context bucket (cached): a device tensor for
+        the schedule op, or a NumPy array for the host planner."""
         bucket = (context_len // self.context_bucket + 1) * self.context_bucket
         key = (num_requests, bucket, with_draft, on_device)
         if key not in self._tables:
             table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, bucket, with_draft)
-            self._tables[key] = table.to(self.device) if on_device else table
+            self._tables[key] = table.to(self.device) if on_device else table.numpy()
         return self._tables[key]
 
     def plan(self, keys: list, caps: list, context_len: int) -> Optional[int]:
@@ -96,23 +117,25 @@ class RoundPlanner:
         for key in keys:
             history = self._history.get(key)
             rows.append(history[0] if history else self._mean)
-        earlier, caps_tensor = torch.stack(rows), torch.tensor(caps, dtype=torch.long)
+        earlier, caps_array = np.stack(rows), np.asarray(caps)
         num = len(keys)
-        budget = ops.plan_budget(earlier, self.sps(num, context_len, on_device=False),
-                                 self.sps(num, context_len, with_draft=False, on_device=False), caps_tensor)
+        with_draft = self.sps(num, context_len, on_device=False)
+        budget = plan_budget_host(earlier, with_draft, self.sps(num, context_len, with_draft=False, on_device=False),
+                                  caps_array)
         if budget is None:
             self._skipped += 1
             if self._skipped < self.probe_every:
                 return None
-            budget = ops.best_budget(earlier, self.sps(num, context_len, on_device=False), caps_tensor)
+            budget = plan_budget_host(earlier, with_draft, np.zeros(1), caps_array)   # probe: best K anyway
         self._skipped = 0
         return budget
 
     def record(self, keys: list, confidence: torch.Tensor) -> None:
         """Confidences of a finished round (host tensor [R, gamma])."""
+        confidence = confidence.double().numpy()
         for key, row in zip(keys, confidence):
             self._history.setdefault(key, deque(maxlen=self.lag)).append(row)
-        self._mean = 0.9 * self._mean + 0.1 * confidence.mean(dim=0)
+        self._mean = 0.9 * self._mean + 0.1 * confidence.mean(axis=0)
 
     def forget(self, key) -> None:
         self._history.pop(key, None)

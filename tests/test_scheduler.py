@@ -132,3 +132,24 @@ def test_dispatcher_respects_the_backend_limit():
                           ("budget", {"budget": 16})):
         lens = ops.schedule(mode, 8, confidence, 2, max_verify_len=5, **options)
         assert lens.max() <= 5, mode
+
+
+def test_host_planner_matches_the_reference_op():
+    import numpy as np
+
+    from dspark.scheduler import plan_budget_host
+
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(200):
+        num_requests = int(torch.randint(1, 6, (1,), generator=generator))
+        gamma = int(torch.randint(1, 8, (1,), generator=generator))
+        earlier = torch.rand(num_requests, gamma, generator=generator, dtype=torch.float64)
+        caps = torch.randint(0, gamma + 1, (num_requests,), generator=generator)
+        size = num_requests * (gamma + 1) + 1
+        with_draft = 1.0 / (0.5 + torch.rand(1, generator=generator).item() +
+                            0.05 * torch.arange(size, dtype=torch.float64))
+        with_draft[0] = 0
+        without = with_draft * (1 + torch.rand(1, generator=generator).item())
+        expected = ops.plan_budget(earlier, with_draft, without, caps)
+        got = plan_budget_host(earlier.numpy(), with_draft.numpy(), without.numpy(), caps.numpy())
+        assert got == expected
