@@ -256,7 +256,8 @@ class Engine:
         out = self.target(batch, self.target_cache, backend, logits_indices=batch.last_token_indices(),
                           hidden_layer_ids=self.hidden_layer_ids)
         if self.draft is not None:
-            self.draft.append_context(self.draft_cache, batch.token_slots, batch.positions, out.hidden)
+            self.draft.append_context(self.draft_cache, batch.token_slots, batch.positions, out.hidden,
+                                      batch.input_ids)
         probs = backend.sampling_probs(out.logits, *self._sampling_tensors(requests), **self._sampling_hints(requests))
         uniforms = torch.stack([torch.rand(1, generator=r.generator) for r in requests]).to(backend.device)
         tokens = backend.sample(probs, uniforms[:, 0])
@@ -333,8 +334,9 @@ class Engine:
             r.verify_lens.append(int(lens_host[row]))
         if self.draft is not None:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+            rows = as_tensor(context_rows)
             self.draft.append_context(self.draft_cache, as_tensor(context_slots), as_tensor(context_positions),
-                                      out.hidden[as_tensor(context_rows)])
+                                      out.hidden[rows], batch.input_ids[rows])
         record = {"requests": num, "verify_tokens": num + num_verify, "drafted": drafting, "schedule_s": schedule_s,
                   "verify_lens": lens_host, "accepted": num_emitted - 1}
         if confidences:

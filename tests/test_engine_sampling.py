@@ -98,16 +98,42 @@ def test_same_seed_reproduces_and_different_seeds_differ(bigram_qwen3):
     assert first.token_ids == again.token_ids and first.token_ids != other.token_ids
 
 
-@pytest.mark.parametrize("schedule", ["causal", "budget"])
-def test_load_aware_schedules_sample_the_exact_target_distribution(small_vocab_pair, schedule, tmp_path):
+@pytest.mark.parametrize("schedule", ["threshold", "causal", "budget"])
+def test_confidence_schedules_sample_the_exact_target_distribution(small_vocab_pair, schedule, tmp_path):
     target, draft = small_vocab_pair
     exact = filtered_exact_distribution(target, 1.0, 0, 1.0)
     # A device where verifying extra tokens is cheap, so both schedulers do verify drafts.
     profile = CostModel(device="test", source="measured", verify_tokens=[1, 8192], context_lens=[0],
                         verify_seconds=[[1.0, 1.2]], draft_requests=[1], draft_seconds=[0.05])
     engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=512, schedule=schedule,
-                                           cost_profile=str(profile.to_yaml(tmp_path / "cheap.yaml")))
+                                           threshold=0.25, cost_profile=str(profile.to_yaml(tmp_path / "cheap.yaml")))
     counts, outputs = empirical_counts(engine, 1.0, 0, 1.0)
     assert chi_square_pvalue(counts, exact) > 1e-3
     lens = [l for o in outputs for l in o.stats["verify_lens"]]
     assert 0 < sum(lens) / len(lens) < 2     # drafts verified, but not always the whole block
+
+
+def test_online_calibration_adapts_while_staying_lossless(bigram_qwen3):
+    from dspark.calibration import calibration_report, survival_labels
+
+    target, draft = bigram_qwen3
+    prompts = [[i, (3 * i) % 64, 7] for i in range(40)]
+    greedy = dspark.SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = dspark.Engine.from_pretrained(target, dtype="float64").generate(prompts, greedy)
+    engine = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule="threshold",
+                                           threshold=0.3, calibration="online", max_batch_size=8)
+    bad = [6.0] * engine.gamma                      # far too flat: every confidence pulled towards 0.5
+    engine.online_sts.temperatures = list(bad)
+    engine.draft.config.confidence_temperatures = list(bad)
+    engine.online_sts.refit_every, engine.online_sts.min_rows = 8, 64
+    outputs = engine.generate(prompts, greedy)
+    assert [o.token_ids for o in outputs] == [p.token_ids for p in plain]
+    adapted = engine.draft.config.confidence_temperatures
+    assert adapted != bad and engine.online_sts.rounds > 8
+    records = [r for r in engine.round_log if "confidence_logits" in r]
+    logits = torch.cat([r["confidence_logits"] for r in records])
+    labels, known = survival_labels(torch.cat([r["verify_lens"] for r in records]),
+                                    torch.cat([r["accepted"] for r in records]), engine.gamma)
+    before = calibration_report(logits, labels, known, bad)[0]["ece"]
+    after = calibration_report(logits, labels, known, adapted)[0]["ece"]
+    assert after < 0.5 * before

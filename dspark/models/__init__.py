@@ -19,3 +19,4 @@ from .target import TargetModel, TargetOutput
 __all__ = ["DRAFT_ALGORITHMS", "DSparkDraft", "DraftConfig", "DraftProposal", "KVCache", "StepBatch",
            "TargetConfig", "TargetModel", "TargetOutput", "init_draft", "load_draft", "load_target",
            "load_tokenizer", "register_draft_algorithm", "save_draft"]
+from . import eagle3  # registers the "eagle3" draft algorithm

@@ -175,15 +175,14 @@ class DraftAttention(nn.Module):
         k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
         return k, self.v_proj(x).view(shape)
 
-    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask, backend):
-        """x: [R, T, d] block; ctx_k/ctx_v: [R, L, KVH, D]; ctx_mask: [R, L] bool."""
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask, backend):
+        """x: [R, T, d] block tokens; ctx_k/ctx_v: [R, L, KVH, D] injected context;
+        mask: [R, T, L + T] bool, which context and block keys each block query may see."""
         r, t, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(r, t, self.num_heads, self.head_dim)), cos, sin)
         k_blk, v_blk = self.keys_values(x, cos, sin)
         keys = torch.cat([ctx_k.to(x.dtype), k_blk], dim=1)       # [R, L + T, KVH, D]
         values = torch.cat([ctx_v.to(x.dtype), v_blk], dim=1)
-        mask = torch.cat([ctx_mask.unsqueeze(1).expand(r, t, -1),
-                          ctx_mask.new_ones(r, t, t)], dim=-1)     # [R, T, L + T]
         out = backend.attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                 mask.unsqueeze(1), self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(r, t, self.num_heads * self.head_dim))
@@ -197,8 +196,8 @@ class DraftLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask, backend)
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, mask, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,8 +231,10 @@ class DSparkDraft(nn.Module):
         return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, device)
 
     @torch.no_grad()
-    def append_context(self, cache: KVCache, token_slots, positions, target_hidden) -> None:
-        """Cache the context keys/values of verified positions. target_hidden: [N, m * d]."""
+    def append_context(self, cache: KVCache, token_slots, positions, target_hidden, token_ids=None) -> None:
+        """Cache the context keys/values of verified positions. target_hidden: [N, m * d].
+        token_ids [N] (the verified tokens) are part of the draft interface; this backbone
+        only needs the target features."""
         ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))  # [N, d]
         cos, sin = self.rotary(positions, ctx.dtype)
         for i, layer in enumerate(self.layers):
@@ -254,11 +255,42 @@ class DSparkDraft(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         ctx_len = max(int(start_positions.max()), 1)
         ctx_mask = torch.arange(ctx_len, device=x.device).unsqueeze(0) < start_positions.unsqueeze(1)  # [R, L]
+        mask = torch.cat([ctx_mask.unsqueeze(1).expand(r, block_len, -1),
+                          ctx_mask.new_ones(r, block_len, block_len)], dim=-1)               # [R, T, L + T]
         for i, layer in enumerate(self.layers):
             ctx_k, ctx_v = cache.read(i, slots, ctx_len, slot_range)
-            x = layer(x, cos, sin, ctx_k, ctx_v, ctx_mask, backend)
+            x = layer(x, cos, sin, ctx_k, ctx_v, mask, backend)
         hidden = self.norm(x if cfg.anchor_as_first else x[:, 1:])
         return hidden, self.lm_head(hidden)
+
+    def train_blocks(self, input_ids, target_hidden, anchors, keep, backend):
+        """The training forward: one block per sampled anchor, all blocks of a sequence at once.
+
+        input_ids [B, T]; target_hidden [B, T, m * d]; anchors [B, A] positions; keep [B, A] bool.
+        Block a holds [x_anchor, MASK, ...] at positions anchor + j; its queries see context
+        strictly before the anchor plus their whole block, never another block (paper §3.3).
+        Returns hidden [B, A, gamma, d] after the final norm; prediction k of block a is the
+        token at anchor + 1 + k in both layouts.
+        """
+        cfg = self.config
+        batch, length = input_ids.shape
+        num_blocks = anchors.shape[1]
+        block_len = cfg.block_size if cfg.anchor_as_first else cfg.block_size + 1
+        device = input_ids.device
+        offsets = torch.arange(block_len, device=device)
+        ids = torch.full((batch, num_blocks, block_len), cfg.mask_token_id, dtype=torch.long, device=device)
+        ids[:, :, 0] = input_ids.gather(1, anchors)
+        positions = (anchors.unsqueeze(-1) + offsets).view(batch, -1)                  # [B, Q]
+        x = self.embed_tokens(ids.view(batch, -1))                                     # [B, Q, d]
+        ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))        # [B, T, d]
+        mask = block_attention_mask(anchors, keep, length, block_len)                  # [B, Q, T + Q]
+        cos, sin = self.rotary(positions, x.dtype)
+        ctx_cos, ctx_sin = self.rotary(torch.arange(length, device=device).expand(batch, -1), x.dtype)
+        for layer in self.layers:
+            ctx_k, ctx_v = layer.self_attn.keys_values(ctx, ctx_cos, ctx_sin)
+            x = layer(x, cos, sin, ctx_k, ctx_v, mask, backend)
+        hidden = self.norm(x).view(batch, num_blocks, block_len, -1)
+        return hidden if cfg.anchor_as_first else hidden[:, :, 1:]
 
     def confidence_logits(self, hidden, prev_ids) -> Optional[torch.Tensor]:
         """Raw confidence logits z_k (before STS temperatures): [R, gamma], or None."""
@@ -288,6 +320,23 @@ class DSparkDraft(nn.Module):
                                                 temperature, top_k, top_p, transition, **hints)
         logits = self.confidence_logits(hidden, prev_ids)
         return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(logits), confidence_logits=logits)
+
+
+def block_attention_mask(anchors: torch.Tensor, keep: torch.Tensor, length: int, block_len: int) -> torch.Tensor:
+    """[B, A*block_len, length + A*block_len] bool: block queries see context positions strictly
+    before their anchor and every slot of their own block. A dropped block (keep False) sees
+    only its own block, so its (ignored) outputs stay finite.
+
+    Worked example: length 4, anchors [1, 2], block_len 2 -> queries of block 0 see context {0}
+    and block-0 keys; queries of block 1 see context {0, 1} and block-1 keys."""
+    batch, num_blocks = anchors.shape
+    queries = num_blocks * block_len
+    query_block = torch.arange(queries, device=anchors.device) // block_len                      # [Q]
+    query_anchor = anchors.gather(1, query_block.expand(batch, -1))                              # [B, Q]
+    context = torch.arange(length, device=anchors.device).view(1, 1, -1) < query_anchor.unsqueeze(-1)
+    context = context & keep.gather(1, query_block.expand(batch, -1)).unsqueeze(-1)
+    own_block = (query_block.view(-1, 1) == query_block.view(1, -1)).expand(batch, -1, -1)      # [B, Q, Q]
+    return torch.cat([context, own_block], dim=-1)
 
 
 # --- the algorithm registry ---------------------------------------------------------------

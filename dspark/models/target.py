@@ -88,6 +88,7 @@ class _Decoder(nn.Module):
 class TargetOutput:
     logits: torch.Tensor            # [M, V] at the requested flat positions
     hidden: Optional[torch.Tensor]  # [N, m * d] residual stream after each requested layer, concatenated
+    last_hidden: Optional[torch.Tensor] = None  # [N, d] after the final norm (training: target logits on demand)
 
 
 class TargetModel(nn.Module):
@@ -110,6 +111,7 @@ class TargetModel(nn.Module):
         backend,
         logits_indices: Optional[torch.Tensor] = None,  # [M] flat token indices; None = all N
         hidden_layer_ids: Sequence[int] = (),           # -1 = embedding output, i = output of layer i
+        final_hidden: bool = False,                     # also return the normed final hidden state [N, d]
     ) -> TargetOutput:
         x = self.model.embed_tokens(batch.input_ids)     # [N, d]
         cos, sin = self.rotary(batch.positions, x.dtype)  # [N, D]
@@ -121,7 +123,8 @@ class TargetModel(nn.Module):
             if i in wanted:
                 wanted[i] = x
         hidden = torch.cat([wanted[i] for i in hidden_layer_ids], dim=-1) if hidden_layer_ids else None
+        normed = self.model.norm(x)
+        last_hidden = normed if final_hidden else None
         if logits_indices is not None:
-            x = x[logits_indices]
-        logits = self.lm_head(self.model.norm(x))
-        return TargetOutput(logits=logits, hidden=hidden)
+            normed = normed[logits_indices]
+        return TargetOutput(logits=self.lm_head(normed), hidden=hidden, last_hidden=last_hidden)
