@@ -24,6 +24,7 @@ class AscendBackend(Backend):
     name = "ascend"
     device_type = "npu"
     default_dtype = torch.bfloat16
+    collective_backend = "hccl"
     max_query_tokens_per_request = 16
 
     @classmethod

@@ -29,6 +29,8 @@ class Backend:
     # Query tokens one request may carry in a single verify forward (anchor
     # included); None = unlimited. Ascend's fused attention takes at most 16.
     max_query_tokens_per_request: Optional[int] = None
+    # torch.distributed backend for multi-process training on this device.
+    collective_backend: str = "gloo"
 
     def __init__(self, device_index: int = 0):
         self.device = torch.device(self.device_type, device_index) if self.device_type != "cpu" \

@@ -14,6 +14,7 @@ class CUDABackend(Backend):
     name = "cuda"
     device_type = "cuda"
     default_dtype = torch.bfloat16
+    collective_backend = "nccl"
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:

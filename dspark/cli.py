@@ -1,4 +1,5 @@
-"""The `dspark` command line: generate, init-draft, info (+ calibrate, sts, simulate from cli_scheduling).
+"""The `dspark` command line: generate, init-draft, info (+ calibrate, sts, simulate from
+cli_scheduling; regenerate, train from cli_training).
 
 Each subcommand is a thin layer over the public API (`dspark.Engine`,
 `dspark.init_draft`, `dspark.backends`); option defaults come from the same
@@ -407,9 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON document")
     info.set_defaults(run=_cmd_info)
 
-    from .cli_scheduling import add_commands
+    from .cli_scheduling import add_commands as add_scheduling_commands
+    from .cli_training import add_commands as add_training_commands
 
-    add_commands(commands, formatter, _para)
+    add_scheduling_commands(commands, formatter, _para)
+    add_training_commands(commands, formatter, _para)
     return parser
 
 

@@ -45,9 +45,9 @@ NUM_FUSED_LAYERS = 3   # low, mid, high
 def eagle3_target_layer_ids(num_target_layers: int) -> list[int]:
     """EAGLE-3's low / mid / high layers: the outputs of layers 1, L/2 - 1 and L - 4
     (0-based; the release taps the inputs of layers 2, L/2 and L - 3). Qwen3-8B (36 layers)
-    -> [1, 17, 32]. Targets too shallow for three distinct ids of that rule (L < 7 or
-    L = 6's collision) spread them over [0, L - 2] instead, e.g. L = 4 -> [0, 1, 2]; below
-    4 layers ids repeat (the fusion still works, it just sees a layer twice)."""
+    -> [1, 17, 32]. Under 7 layers that rule repeats an id, so the three are spread over
+    [0, L - 2] instead (never the last layer), e.g. L = 4 -> [0, 1, 2]; under 4 layers ids
+    must repeat (the fusion still works, it just sees a layer twice)."""
     layers = num_target_layers
     preferred = [1, layers // 2 - 1, layers - 4]
     if preferred[0] < preferred[1] < preferred[2]:
@@ -76,14 +76,15 @@ def masked_attention(
     visible: torch.Tensor,  # [..., T, S] bool, broadcast over [B, H]
     scale: float,
 ) -> torch.Tensor:          # [B, H, T, D]
-    """Softmax attention in float32 where a row with no visible key gets uniform weights
-    instead of NaN (the reference pass has such a row at position 0; it is never used, but
-    a NaN there would poison gradients through the masked sums)."""
+    """Softmax attention in at least float32 where a row with no visible key gets uniform
+    weights instead of NaN (the reference pass has such a row at position 0; it is never
+    used, but a NaN there would poison gradients through the masked sums)."""
+    compute = torch.promote_types(query.dtype, torch.float32)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scale              # [B, H, T, S]
-    weights = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1)
-    return (weights @ value.float()).to(query.dtype)
+    scores = (query.to(compute) @ key.to(compute).transpose(-1, -2)) * scale      # [B, H, T, S]
+    weights = scores.masked_fill(~visible, torch.finfo(compute).min).softmax(dim=-1)
+    return (weights @ value.to(compute)).to(query.dtype)
 
 
 @dataclass

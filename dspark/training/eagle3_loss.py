@@ -15,12 +15,14 @@ chain's first pair) and the chain's own step-j keys at s + j, j = 1..i (the diag
 `ttt_attention_mask`). Step i at position p predicts x_{p+1}; its target is the target's
 next-token distribution at p, softmax(lm_head(target_last[p])), and
 
-    L = sum_i w_i * CE_i / sum_i w_i,   w_i = step_decay ** i,
-    CE_i = mean over supervised p of -sum_v p_target(v | p) log p_draft,i(v | p)
+    L = sum_i w_i * KL_i / sum_i w_i,   w_i = step_decay ** i,
+    KL_i = mean over supervised p of sum_v p_target(v | p) (log p_target(v | p) - log p_draft,i(v | p))
 
-(soft cross-entropy = forward KL up to the target's entropy, a constant). Supervised: the
-predicted token x_{p+1} is a response token inside the sequence, and the chain start
-p - i >= 1 (position 0 holds no pair). The attention keeps one T x T block for the context
+The forward KL is EAGLE-3's soft cross-entropy minus the target's entropy: the same
+gradient, but 0 at a perfect match, so its value says how far the draft still is (the
+soft cross-entropy of a near-uniform target barely moves however well the draft learns).
+Supervised: the predicted token x_{p+1} is a response token inside the sequence, and the
+chain start p - i >= 1 (position 0 holds no pair). The attention keeps one T x T block for the context
 plus i diagonal scores per query, so a step costs O(T^2 + i T), not O(i T^2).
 """
 import torch
@@ -72,18 +74,23 @@ def ttt_attention_mask(seq_len: int, step: int, device=None) -> torch.Tensor:
 
 
 def ttt_attention(
-    query: torch.Tensor,        # [B, H, T, D] queries of step i = len(keys) - 1
-    keys: list,                 # i + 1 tensors [B, KVH, T, D]: keys of steps 0..i (rotated)
-    values: list,               # i + 1 tensors [B, KVH, T, D]
+    query: torch.Tensor,          # [B, H, T, D] queries of step i = len(keys) - 1
+    keys: list[torch.Tensor],     # i + 1 tensors [B, KVH, T, D]: keys of steps 0..i (rotated)
+    values: list[torch.Tensor],   # i + 1 tensors [B, KVH, T, D]
     scale: float,
-) -> torch.Tensor:              # [B, H, T, D]
+) -> torch.Tensor:                # [B, H, T, D]
     """Attention of TTT step i under `ttt_visibility`: one softmax over the T context scores
-    and the i diagonal chain scores, computed in float32."""
+    and the i diagonal chain scores, computed in at least float32."""
     step = len(keys) - 1
-    batch, heads, length, _ = query.shape
+    _, heads, length, _ = query.shape
     groups = heads // keys[0].shape[1]
-    expand = lambda x: x.repeat_interleave(groups, dim=1).float()   # noqa: E731  GQA: [B, KVH, ..] -> [B, H, ..]
-    q = query.float()
+    compute = torch.promote_types(query.dtype, torch.float32)
+
+    def expand(x: torch.Tensor) -> torch.Tensor:
+        """Grouped-query heads: [B, KVH, T, D] -> [B, H, T, D] in the compute dtype."""
+        return x.repeat_interleave(groups, dim=1).to(compute)
+
+    q = query.to(compute)
     context_visible, chain_visible = ttt_visibility(length, step, query.device)
     scores = [(q @ expand(keys[0]).transpose(-1, -2)) * scale]                    # [B, H, T, T]
     chain_values = []
@@ -95,19 +102,21 @@ def ttt_attention(
     scores = torch.cat(scores, dim=-1)                                           # [B, H, T, T + step]
     visible = torch.cat([context_visible, chain_visible], dim=-1)                # [T, T + step]
     # A finite fill keeps fully hidden rows (position 0) finite: uniform junk, never NaN.
-    weights = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    weights = scores.masked_fill(~visible, torch.finfo(compute).min).softmax(dim=-1)
     out = weights[..., :length] @ expand(values[0])                              # [B, H, T, D]
     for j, value_j in enumerate(chain_values):
         out = out + weights[..., length + j].unsqueeze(-1) * value_j
     return out.to(query.dtype)
 
 
-def ttt_hidden_states(draft, input_ids: torch.Tensor, fused: torch.Tensor, steps: int) -> list:
+def ttt_hidden_states(draft, input_ids: torch.Tensor, fused: torch.Tensor, steps: int) -> list[torch.Tensor]:
     """Unroll the chain from every start at once. input_ids [B, T]; fused [B, T, d] (g_p)
     -> `steps` tensors [B, T, d]: entry i at p is h^i_p, the output of chain step i at
     position p for the chain that started at p - i (before the final norm)."""
     layer = draft.midlayer
     batch, length, _ = fused.shape
+    assert input_ids.shape == (batch, length) and input_ids.dtype == torch.long, \
+        f"input_ids must be [B, T] long matching fused {tuple(fused.shape)}, got {tuple(input_ids.shape)}"
     positions = torch.arange(length, device=input_ids.device)
     cos, sin = draft.rotary(positions, fused.dtype)                              # [T, D]
     with torch.no_grad():
@@ -127,7 +136,7 @@ def ttt_hidden_states(draft, input_ids: torch.Tensor, fused: torch.Tensor, steps
 
 def eagle3_loss(draft, batch: TrainBatch, ttt_steps: int = 7, step_decay: float = 0.8) -> tuple[torch.Tensor, dict]:
     """The TTT loss (a scalar, token-level mean per step) and metrics: `loss`, and per step i
-    `loss_step{i}` (soft CE), `acc_step{i}` (draft argmax == target argmax) and
+    `loss_step{i}` (forward KL), `acc_step{i}` (draft argmax == target argmax) and
     `supervised_step{i}` (positions counted). The embedding and LM head get no gradient
     whatever their requires_grad (they are used detached); `Eagle3Draft` also freezes them."""
     assert ttt_steps >= 1, f"ttt_steps must be >= 1, got {ttt_steps}"
@@ -148,7 +157,8 @@ def eagle3_loss(draft, batch: TrainBatch, ttt_steps: int = 7, step_decay: float 
     selected_pos = positions.expand(num_seq, length)[selected]                   # [M]
     with torch.no_grad():
         target_logits = F.linear(batch.target_last[selected].to(dtype), head).float()   # [M, V]
-        target_probs = target_logits.softmax(dim=-1)
+        target_log_probs = target_logits.log_softmax(dim=-1)
+        target_probs = target_log_probs.exp()
         target_top = target_logits.argmax(dim=-1)                                # [M]
 
     total, weight_sum, metrics = 0.0, 0.0, {}
@@ -156,8 +166,8 @@ def eagle3_loss(draft, batch: TrainBatch, ttt_steps: int = 7, step_decay: float 
         valid = (selected_pos >= step + 1).float()                               # [M]: chain start >= 1
         count = valid.sum().clamp(min=1)
         logits = F.linear(draft.norm(hidden[selected]), head).float()            # [M, V]
-        cross_entropy = -(target_probs * logits.log_softmax(dim=-1)).sum(dim=-1)  # [M]
-        step_loss = (cross_entropy * valid).sum() / count
+        kl = (target_probs * (target_log_probs - logits.log_softmax(dim=-1))).sum(dim=-1)   # [M]
+        step_loss = (kl * valid).sum() / count
         weight = step_decay ** step
         total, weight_sum = total + weight * step_loss, weight_sum + weight
         with torch.no_grad():

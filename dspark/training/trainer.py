@@ -1,0 +1,287 @@
+"""The draft trainer: `dspark train`.
+
+One loop for every algorithm in TRAINING_LOSSES (dspark, dflash, eagle3). The frozen
+target runs inside each step (online features: nothing is cached unless asked). Each
+optimiser step consumes one global batch of sequences, fixed by the step number and the
+seed, split across processes (`torchrun`; gradients all-reduced over gloo on CPU, the backend's
+collective on accelerators) and across gradient-accumulation micro-batches. Every loss is a mean of
+per-sequence losses and every random draw is seeded per (step, sequence), so the result
+does not depend on how the batch is split, and a resumed run repeats an uninterrupted one.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..backends import get_backend
+from ..models import load_draft, load_target, save_draft
+from ..models.checkpoint import model_dir, read_config
+from ..models.draft_io import init_draft
+from .batch import TrainBatch
+from .data import collate, global_batch_indices, load_conversations
+from .features import target_features
+from .losses import LossWeights, parallel_draft_loss
+
+
+@dataclass
+class TrainConfig:
+    target: str = ""
+    data: str = ""
+    out: str = ""
+    algorithm: str = "dspark"
+    init: Optional[str] = None          # start from this draft directory instead of a fresh one
+    draft_options: dict = field(default_factory=dict)   # init_draft options (num_layers, block_size, ...)
+    steps: int = 200
+    global_batch: int = 8               # sequences per optimiser step, over all processes
+    micro_batch: int = 4                # sequences per forward on one process
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    num_anchors: int = 512
+    max_length: int = 1024
+    ce_weight: float = 0.1
+    l1_weight: float = 0.9
+    confidence_weight: float = 1.0
+    loss_decay: float = 4.0
+    ttt_steps: int = 7                  # eagle3
+    ttt_decay: float = 0.8              # eagle3
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        for name in ("target", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"train config needs '{name}'")
+        if self.algorithm not in TRAINING_LOSSES:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(TRAINING_LOSSES)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        for name in ("steps", "global_batch", "micro_batch", "num_anchors", "max_length", "log_every",
+                     "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "TrainConfig":
+        data = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"train config {str(path)!r} does not exist")
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path} must be a YAML mapping")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**data)
+        config.validate()
+        return config
+
+
+# ---------------------------------------------------------------------------- losses per algorithm
+def _dspark(draft, batch, backend, generators, cfg):
+    return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
+                               LossWeights(cfg.ce_weight, cfg.l1_weight, cfg.confidence_weight, cfg.loss_decay))
+
+
+def _dflash(draft, batch, backend, generators, cfg):
+    return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
+                               LossWeights(decay=cfg.loss_decay), use_l1=False, use_confidence=False)
+
+
+def _eagle3(draft, batch, backend, generators, cfg):
+    """EAGLE-3's loss is a batch mean; take it one sequence at a time for exact batch splits."""
+    from .eagle3_loss import eagle3_loss
+
+    losses, metrics = [], {}
+    for row in range(batch.input_ids.shape[0]):
+        one = TrainBatch(*(t[row:row + 1] for t in (batch.input_ids, batch.loss_mask, batch.lengths,
+                                                      batch.target_hidden, batch.target_last)))
+        loss, metrics = eagle3_loss(draft, one, cfg.ttt_steps, cfg.ttt_decay)
+        losses.append(loss)
+    return torch.stack(losses), metrics
+
+
+TRAINING_LOSSES = {"dspark": _dspark, "dflash": _dflash, "eagle3": _eagle3}
+
+
+# ---------------------------------------------------------------------------- the loop
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress=None):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.backend = get_backend(cfg.backend)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(self.backend.collective_backend)
+        self.progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+        if cfg.global_batch % self.world:
+            raise ValueError(f"global_batch {cfg.global_batch} must be divisible by the {self.world} processes")
+        self.target, _ = load_target(cfg.target, self.backend.device, torch.float32)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.examples = load_conversations(cfg.data, cfg.max_length)
+        self.draft = self._make_draft()
+        self.trainable = [p for p in self.draft.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in self.trainable:              # every process starts from rank 0's weights
+                dist.broadcast(p.data, src=0)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(
+            (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))
+            if s >= warmup else (s + 1) / warmup))
+        self.step = 0
+        self._resume()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _make_draft(self):
+        cfg = self.cfg
+        source = cfg.init
+        if source is None:
+            source = self.out / "init"
+            if self.is_main and not (source / "config.json").is_file():
+                init_draft(cfg.target, source, algorithm=cfg.algorithm, seed=cfg.seed, **cfg.draft_options)
+            if self.world > 1:
+                dist.barrier()
+        draft = load_draft(model_dir(source, "draft"), self.target.config, self.target)
+        if draft.config.algorithm != cfg.algorithm:
+            raise ValueError(f"draft {source} is a {draft.config.algorithm!r} draft, not {cfg.algorithm!r}")
+        draft.to(self.backend.device)
+        # The embedding and LM head are frozen copies of the target's (paper §3.3).
+        for module in (draft.embed_tokens, draft.lm_head):
+            module.requires_grad_(False)
+        self.base_config = read_config(model_dir(source, "draft"), "draft")
+        return draft
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def _save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        final, staging = self._checkpoint_dir(), self.out / "checkpoint.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_draft(self.draft, staging, self.base_config)
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "config": asdict(self.cfg)}, staging / "trainer.pt")
+        # Atomic for readers: the old checkpoint is replaced only once the new one is complete.
+        old = self.out / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        state_file = self._checkpoint_dir() / "trainer.pt"
+        if not state_file.is_file():
+            return
+        weights = load_draft(self._checkpoint_dir(), self.target.config, self.target).state_dict()
+        self.draft.load_state_dict(weights)
+        state = torch.load(state_file, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.progress(f"resumed from {self._checkpoint_dir()} at step {self.step}")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, device = self.cfg, self.backend.device
+        indices = global_batch_indices(len(self.examples), cfg.global_batch, self.step, cfg.seed)
+        mine = indices[self.rank::self.world]
+        micro_batches = [mine[i:i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
+        loss_fn = TRAINING_LOSSES[cfg.algorithm]
+        total_loss, tokens, metrics = 0.0, 0, {}
+        for number, chunk in enumerate(micro_batches):
+            ids, mask, lengths = collate([self.examples[i] for i in chunk], device)
+            hidden, last = target_features(self.target, self.backend, ids, lengths, self.draft.config.target_layer_ids)
+            batch = TrainBatch(ids, mask, lengths, hidden, last)
+            generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 10_007 + i) for i in chunk]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                per_sequence, metrics = loss_fn(self.draft, batch, self.backend, generators, cfg)
+                # This process's share of the mean over the whole global batch.
+                loss = per_sequence.float().sum() / cfg.global_batch
+            loss.backward()
+            total_loss += float(per_sequence.detach().sum())
+            tokens += int(lengths.sum())
+        if self.world > 1:
+            self._all_reduce_gradients()
+            summary = torch.tensor([total_loss, float(tokens)], dtype=torch.float64)
+            dist.all_reduce(summary)
+            total_loss, tokens = float(summary[0]), int(summary[1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": total_loss / cfg.global_batch, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "tokens": tokens, **metrics}
+
+    def _all_reduce_gradients(self) -> None:
+        """Data parallelism: sum every process's gradient share (one flattened all-reduce).
+        Each share is already divided by the global batch, so the sum is the global mean."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.trainable, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_file = self.out / "metrics.jsonl"
+        started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+        first_step = self.step
+        while self.step < cfg.steps:
+            record = self.train_step()
+            window_tokens += record["tokens"]
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                done = self.step - first_step
+                eta = (time.perf_counter() - started) / max(done, 1) * (cfg.steps - self.step)
+                if self.is_main:
+                    with metrics_file.open("a") as sink:
+                        sink.write(json.dumps(record) + "\n")
+                    self.progress(f"step {self.step}/{cfg.steps}  loss {record['loss']:.4f}  "
+                                  f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  ETA {eta:.0f} s")
+                window_tokens, window_start = 0, time.perf_counter()
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self._save_checkpoint()
+        if self.is_main:
+            save_draft(self.draft, self.out, self.base_config)
+            (self.out / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            self.progress(f"saved the trained draft to {self.out}")
+        if self.world > 1:
+            dist.barrier()
+        return self.out
+
+
+def train(cfg: TrainConfig, progress=None) -> Path:
+    return Trainer(cfg, progress).train()
