@@ -32,7 +32,8 @@ def _cmd_train(args) -> int:
                      global_batch=args.global_batch, micro_batch=args.micro_batch, lr=args.lr,
                      num_anchors=args.num_anchors, max_length=args.max_length, precision=args.precision,
                      seed=args.seed, init=args.init, log_every=args.log_every,
-                     checkpoint_every=args.checkpoint_every, backend=args.backend)
+                     checkpoint_every=args.checkpoint_every, backend=args.backend, features=args.features,
+                     cache_dir=args.cache_dir)
     cfg = TrainConfig.from_yaml(args.config, **overrides)
     if options:
         cfg.draft_options = {**cfg.draft_options, **options}
@@ -88,5 +89,9 @@ def add_commands(commands, formatter, para) -> None:
     train.add_argument("--seed", type=int)
     train.add_argument("--log-every", type=int, metavar="N")
     train.add_argument("--checkpoint-every", type=int, metavar="N")
+    train.add_argument("--features", choices=["online", "cached"],
+                       help="online (default): the target runs inside each step; cached: precompute once into "
+                            "sharded safetensors (size printed first)")
+    train.add_argument("--cache-dir", metavar="DIR", help="feature cache location (default: <out>/feature_cache)")
     train.add_argument("--backend", choices=[*BACKENDS, "auto"])
     train.set_defaults(run=_cmd_train)

@@ -226,3 +226,27 @@ def test_train_config_rejects_unknown_keys(tmp_path):
         TrainConfig.from_yaml(path)
     with pytest.raises(ValueError, match="unknown algorithm 'medusa'"):
         TrainConfig.from_yaml(None, target="x", data="y", out="z", algorithm="medusa")
+
+
+def test_cached_features_equal_online_features_and_train_alike(corpus, tmp_path):
+    from dspark.models import load_target
+    from dspark.training.data import collate
+    from dspark.training.features import FeatureCache, target_features
+
+    target, _ = load_target(corpus.target, CPU.device, torch.float32)
+    examples = load_conversations(corpus.data)
+    exact = FeatureCache(tmp_path / "fp32", dtype=torch.float32)
+    messages = []
+    exact.build(target, CPU, examples[:6], [1, 2], shard_size=4, progress=messages.append)
+    assert "MiB" in messages[0] and len(list((tmp_path / "fp32").glob("shard_*.safetensors"))) == 2
+    ids, _, lengths = collate(examples[2:6], CPU.device)
+    online_hidden, online_last = target_features(target, CPU, ids, lengths, [1, 2])
+    cached_hidden, cached_last = exact.load([2, 3, 4, 5], ids.shape[1], CPU.device)
+    torch.testing.assert_close(cached_hidden, online_hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_last, online_last, atol=1e-5, rtol=1e-5)
+
+    online = train(config(corpus, tmp_path / "online", steps=5), progress=lambda m: None)
+    cached = train(config(corpus, tmp_path / "cached", steps=5, features="cached"), progress=lambda m: None)
+    losses = [[json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+              for out in (online, cached)]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)       # bfloat16 features by default

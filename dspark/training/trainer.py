@@ -28,7 +28,7 @@ from ..models.checkpoint import model_dir, read_config
 from ..models.draft_io import init_draft
 from .batch import TrainBatch
 from .data import collate, global_batch_indices, load_conversations
-from .features import target_features
+from .features import FeatureCache, target_features
 from .losses import LossWeights, parallel_draft_loss
 
 
@@ -60,6 +60,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     backend: Optional[str] = None
+    features: str = "online"            # online | cached (sharded safetensors in cache_dir)
+    cache_dir: Optional[str] = None     # default: <out>/feature_cache
 
     def validate(self) -> None:
         for name in ("target", "data", "out"):
@@ -67,6 +69,8 @@ class TrainConfig:
                 raise ValueError(f"train config needs '{name}'")
         if self.algorithm not in TRAINING_LOSSES:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(TRAINING_LOSSES)}")
+        if self.features not in ("online", "cached"):
+            raise ValueError(f"features must be 'online' or 'cached', got {self.features!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("steps", "global_batch", "micro_batch", "num_anchors", "max_length", "log_every",
@@ -149,6 +153,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(
             (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))
             if s >= warmup else (s + 1) / warmup))
+        self.cache = None
+        if cfg.features == "cached":
+            self.cache = FeatureCache(cfg.cache_dir or self.out / "feature_cache")
+            if self.is_main:
+                self.cache.build(self.target, self.backend, self.examples, self.draft.config.target_layer_ids,
+                                 progress=self.progress)
+            if self.world > 1:
+                dist.barrier()
         self.step = 0
         self._resume()
 
@@ -218,7 +230,11 @@ class Trainer:
         total_loss, tokens, metrics = 0.0, 0, {}
         for number, chunk in enumerate(micro_batches):
             ids, mask, lengths = collate([self.examples[i] for i in chunk], device)
-            hidden, last = target_features(self.target, self.backend, ids, lengths, self.draft.config.target_layer_ids)
+            if self.cache is not None:
+                hidden, last = self.cache.load(chunk, ids.shape[1], device)
+            else:
+                hidden, last = target_features(self.target, self.backend, ids, lengths,
+                                               self.draft.config.target_layer_ids)
             batch = TrainBatch(ids, mask, lengths, hidden, last)
             generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 10_007 + i) for i in chunk]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
