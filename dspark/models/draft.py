@@ -11,7 +11,7 @@ The anchor's own context features are never visible to its block: the anchor
 has not been through the target yet, so the context ends just before it.
 """
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -81,7 +81,8 @@ class DraftConfig:
     def to_hf(self, base: Optional[dict] = None) -> dict:
         hf = dict(base or {})
         hf.update({
-            "architectures": [DSPARK_ARCHITECTURE],
+            "architectures": [DRAFT_ALGORITHMS[self.algorithm].architecture if self.algorithm in DRAFT_ALGORITHMS
+                              else DSPARK_ARCHITECTURE],
             "dspark_algorithm": self.algorithm,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -347,6 +348,9 @@ class DraftAlgorithm:
     description: str
     defaults: dict
     model_class: type
+    # target layers the draft reads when the user names none, from the target's layer count
+    default_layers: Callable[[int], list] = default_target_layer_ids
+    architecture: str = DSPARK_ARCHITECTURE       # "architectures" entry written to config.json
 
 
 DRAFT_ALGORITHMS: dict[str, DraftAlgorithm] = {}
@@ -383,12 +387,13 @@ def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> 
     if unknown:
         raise ValueError(f"unknown draft option(s) {', '.join(unknown)}; valid: {', '.join(INIT_OPTIONS)}")
     options.pop("seed", None)
-    settings = dict(draft_algorithm(algorithm).defaults)
+    entry = draft_algorithm(algorithm)
+    settings = dict(entry.defaults)
     settings.update({k: v for k, v in options.items() if v is not None})
     if settings.get("markov_rank", 0) <= 0 and "confidence_head_with_markov" not in options:
         settings["confidence_head_with_markov"] = False   # nothing to condition on without a Markov head
     if settings.get("target_layer_ids") is None:
-        settings["target_layer_ids"] = default_target_layer_ids(target.num_layers)
+        settings["target_layer_ids"] = entry.default_layers(target.num_layers)
     settings.setdefault("num_layers", min(5, max(1, target.num_layers // 4)))
     settings.setdefault("mask_token_id", target.vocab_size - 1)
     settings.setdefault("intermediate_size", target.intermediate_size)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .batch import KVCache
-from .draft import (DraftAlgorithm, DraftConfig, DraftProposal, default_target_layer_ids,
+from .draft import (DraftAlgorithm, DraftConfig, DraftProposal,
                     register_draft_algorithm)
 from .layers import MLP, RMSNorm, Rotary, apply_rope
 
@@ -57,14 +57,11 @@ def eagle3_target_layer_ids(num_target_layers: int) -> list[int]:
 
 
 def resolve_target_layer_ids(cfg: DraftConfig) -> list[int]:
-    """The three layer ids an EAGLE-3 draft fuses. `init_draft` fills in the generic DSpark
-    default (up to five ids) when the user gives none; that list is replaced by EAGLE-3's own
-    rule. Any other list must have exactly three ids."""
+    """The three layer ids an EAGLE-3 draft fuses (`init_draft` fills in eagle3_target_layer_ids
+    through the registry when the user names none); any other count is an error."""
     ids = [int(i) for i in cfg.target_layer_ids]
     if len(ids) == NUM_FUSED_LAYERS:
         return ids
-    if ids == default_target_layer_ids(cfg.num_target_layers):
-        return eagle3_target_layer_ids(cfg.num_target_layers)
     raise ValueError(f"an EAGLE-3 draft fuses exactly {NUM_FUSED_LAYERS} target layers (low, mid, high); "
                      f"got target_layer_ids={ids}")
 
@@ -272,7 +269,8 @@ register_draft_algorithm(DraftAlgorithm(
     "eagle3", "one layer over [embedding; fused low/mid/high target features], sequential chain (EAGLE-3)",
     dict(num_layers=1, markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False,
          anchor_as_first=True),
-    Eagle3Draft))
+    Eagle3Draft,
+    default_layers=eagle3_target_layer_ids, architecture="Eagle3DraftModel"))
 
 
 __all__ = ["Eagle3Cache", "Eagle3Draft", "eagle3_target_layer_ids", "masked_attention", "resolve_target_layer_ids"]
