@@ -283,7 +283,8 @@ class Engine:
         drafting = self.draft is not None
         if drafting and self.config.schedule in ("causal", "budget"):
             schedule_started = time.perf_counter()
-            budget = self.planner.plan([id(r) for r in requests], caps, max(starts))
+            budget = self.planner.plan([id(r) for r in requests], caps, max(starts),
+                                       early_break=self.config.schedule == "causal")
             drafting = budget is not None
             schedule_s = time.perf_counter() - schedule_started
         if drafting:

@@ -61,7 +61,7 @@ def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] =
 
 
 def plan_budget_host(earlier: np.ndarray, sps_with_draft: np.ndarray, sps_without_draft: np.ndarray,
-                     caps: np.ndarray) -> Optional[int]:
+                     caps: np.ndarray, early_break: bool = False) -> Optional[int]:
     """`ops.plan_budget` for the host planner, in NumPy: the same search (same ranking and
     tie-break, same first maximum), without the per-op overhead of small torch tensors.
     The planner runs on the host every round, so this is its hot path; the test suite
@@ -74,7 +74,11 @@ def plan_budget_host(earlier: np.ndarray, sps_with_draft: np.ndarray, sps_withou
     batch = num_requests + np.arange(values.size + 1)
     rate = np.where(batch < sps_with_draft.size, sps_with_draft[np.minimum(batch, sps_with_draft.size - 1)], 0.0)
     theta = tau * rate
-    budget = int(np.argmax(theta))
+    if early_break:
+        improves = np.append(theta[1:] > theta[:-1], False)
+        budget = int(np.cumprod(improves).sum())
+    else:
+        budget = int(np.argmax(theta))
     plain = num_requests * sps_without_draft[num_requests] if num_requests < sps_without_draft.size else 0.0
     return budget if theta[budget] > plain else None
 
@@ -109,8 +113,9 @@ class RoundPlanner:
             self._tables[key] = table.to(self.device) if on_device else table.numpy()
         return self._tables[key]
 
-    def plan(self, keys: list, caps: list, context_len: int) -> Optional[int]:
-        """The token budget K for this round, or None to skip the draft (both from history only)."""
+    def plan(self, keys: list, caps: list, context_len: int, early_break: bool = False) -> Optional[int]:
+        """The token budget K for this round, or None to skip the draft (both from history only).
+        early_break: judge by where Algorithm 1 would stop (the causal mode), not the global best."""
         # A request's oldest kept confidences: `lag` drafted rounds back when it has them, else
         # its newest. Either way they come from finished rounds, never from the current block.
         rows = []
@@ -121,7 +126,7 @@ class RoundPlanner:
         num = len(keys)
         with_draft = self.sps(num, context_len, on_device=False)
         budget = plan_budget_host(earlier, with_draft, self.sps(num, context_len, with_draft=False, on_device=False),
-                                  caps_array)
+                                  caps_array, early_break)
         if budget is None:
             self._skipped += 1
             if self._skipped < self.probe_every:

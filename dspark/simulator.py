@@ -78,7 +78,8 @@ def simulate(cost: CostModel, acceptance: Sequence[float], concurrency: Sequence
                 torch.full((requests,), length, dtype=torch.long), caps)))
         rows.append(run("threshold", lambda c, t: torch.minimum(ops.schedule_threshold(c, threshold), caps)))
         def load_aware(c, t, mode):
-            budget = ops.plan_budget(confidences[t], sps, sps_plain, caps)   # history: `lag` rounds old
+            budget = ops.plan_budget(confidences[t], sps, sps_plain, caps,      # history: `lag` rounds old
+                                     early_break=mode == "causal")
             if budget is None:
                 return None                                                  # drafting does not pay
             return ops.schedule_causal(c, sps, caps) if mode == "causal" else ops.schedule_topk(c, budget, caps)

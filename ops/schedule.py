@@ -119,18 +119,25 @@ def plan_budget(
     sps_with_draft: torch.Tensor,      # sps[B] when the round also runs the draft
     sps_without_draft: torch.Tensor,   # sps[B] of plain decoding (no draft round)
     caps: Optional[torch.Tensor] = None,
+    early_break: bool = False,
 ) -> Optional[int]:
     """The budget K for this round, or None when drafting does not pay at all.
 
     Running the draft costs time even if nothing is verified, so at high load the best
     plan can be to skip the draft and decode plainly: compare the best Theta with a draft
-    against R * SPS_plain(R). Both use history only, so the choice is lossless."""
+    against R * SPS_plain(R). Both use history only, so the choice is lossless. With
+    `early_break` the best point is the one Algorithm 1 would stop at (for the causal mode,
+    which cannot reach a better point behind a cliff of the cost curve)."""
     num_requests, gamma = earlier_confidence.shape
     values, _, num_valid = ranked_candidates(survival(earlier_confidence),
                                              _caps(num_requests, gamma, caps, earlier_confidence.device))
     theta = throughput_path(values[:int(num_valid)], num_requests, sps_with_draft)
     plain = num_requests * float(sps_without_draft[num_requests]) if num_requests < len(sps_without_draft) else 0.0
-    budget = int(theta.argmax())
+    if early_break:
+        improves = torch.cat([theta[1:] > theta[:-1], theta.new_zeros(1, dtype=torch.bool)])
+        budget = int(improves.long().cumprod(0).sum())
+    else:
+        budget = int(theta.argmax())
     return budget if float(theta[budget]) > plain else None
 
 

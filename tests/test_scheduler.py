@@ -150,6 +150,15 @@ def test_host_planner_matches_the_reference_op():
                             0.05 * torch.arange(size, dtype=torch.float64))
         with_draft[0] = 0
         without = with_draft * (1 + torch.rand(1, generator=generator).item())
-        expected = ops.plan_budget(earlier, with_draft, without, caps)
-        got = plan_budget_host(earlier.numpy(), with_draft.numpy(), without.numpy(), caps.numpy())
-        assert got == expected
+        for early_break in (False, True):
+            expected = ops.plan_budget(earlier, with_draft, without, caps, early_break)
+            got = plan_budget_host(earlier.numpy(), with_draft.numpy(), without.numpy(), caps.numpy(), early_break)
+            assert got == expected
+
+
+def test_plan_with_early_break_skips_drafting_behind_a_cliff():
+    earlier = torch.tensor([[0.95, 0.95, 0.95, 0.95]])
+    with_draft = torch.tensor([0.0, 0.9, 0.45, 0.45, 0.45, 0.45])     # drafting costs a little; one cliff
+    without = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    assert ops.plan_budget(earlier, with_draft, without) == 4           # budget mode: worth it past the cliff
+    assert ops.plan_budget(earlier, with_draft, without, early_break=True) is None   # causal would stop at 0
