@@ -9,6 +9,8 @@ from setuptools import setup
 PACKAGES = {
     "dspark": "dspark",
     "dspark.models": "dspark/models",
+    "dspark.training": "dspark/training",
+    "dspark.conformance": "dspark/conformance",
     "dspark.backends": "backends",
     "dspark.ops": "ops",
 }
@@ -22,6 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    package_data={"dspark.conformance": ["tolerances.yaml"]},
     install_requires=[
         "torch>=2.4,<3",
         "transformers>=4.51",

@@ -148,8 +148,35 @@ def _acceptance(args) -> list:
     return acceptance
 
 
+# ----------------------------------------------------------------------------- conformance
+def _cmd_conformance(args) -> int:
+    from .conformance import matrix, run
+
+    _progress(f"checking backend {args.backend or 'from $' + ENV_VAR} against the CPU reference ...")
+    results = run(args.backend, dtypes=tuple(args.dtypes.split(",")))
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    else:
+        print(matrix(results))
+        for r in results:
+            if r.status == "fail":
+                print(f"FAIL {r.operation} [{r.mode} {r.dtype}]: {r.detail}")
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
 # ----------------------------------------------------------------------------- parsers
 def add_commands(commands, formatter, para) -> None:
+    conf = commands.add_parser(
+        "conformance", formatter_class=formatter, help="check a backend against the CPU reference",
+        description=para("Run the conformance checks (sampling, attention, draft block, verification bit-exact / "
+                         "greedy / sampled, schedulers, end-to-end lossless generation) on a backend and print "
+                         "the operation x mode matrix. Exit status 1 when any check fails."),
+        epilog="example:\n  dspark conformance --backend cuda")
+    conf.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
+    conf.add_argument("--dtypes", default="float32,bfloat16", metavar="LIST")
+    conf.add_argument("--json", action="store_true")
+    conf.set_defaults(run=_cmd_conformance)
+
     cal = commands.add_parser(
         "calibrate", formatter_class=formatter, help="measure this device's cost profile for the scheduler",
         description=para("Time the target forward over B verify tokens (at a few context lengths) and the draft "
