@@ -61,6 +61,14 @@ class Backend:
         """Name of the analytic cost-model prior for this device (see dspark.cost_model.DEVICE_SPECS)."""
         return "cpu"
 
+    def token_buckets(self, max_tokens: int) -> list:
+        """Verify-token counts a fixed-shape step is padded to (graph capture sizes)."""
+        buckets, size = [], 1
+        while size < max_tokens:
+            buckets.append(size)
+            size *= 2
+        return buckets + [max_tokens]
+
     def max_verify_len(self, gamma: int) -> int:
         """Largest number of drafted tokens a request may verify (the anchor takes one query slot)."""
         if self.max_query_tokens_per_request is None:

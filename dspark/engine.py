@@ -100,7 +100,11 @@ class Engine:
         self.online_sts = None
         if config.calibration == "online" and draft is not None and draft.confidence_head is not None:
             self.online_sts = OnlineSTS(self.gamma, initial=draft.config.confidence_temperatures)
-        slots, device = config.max_batch_size, backend.device
+        self.static = config.static_shapes or backend.supports_graphs
+        # A fixed-shape step parks its filler tokens in one extra, never-used cache slot.
+        slots, device = config.max_batch_size + (1 if self.static else 0), backend.device
+        self.scratch_slot = config.max_batch_size
+        self.buckets = backend.token_buckets(config.max_batch_size * (self.gamma + 1))
         self.target_cache = target.make_cache(slots, self.max_model_len, self.dtype, device)
         self.draft_cache = draft.make_cache(slots, self.max_model_len, self.dtype, device) if draft else None
         # One record per round of the last run: requests, verify tokens, host syncs, timings,
@@ -288,10 +292,7 @@ class Engine:
             drafting = budget is not None
             schedule_s = time.perf_counter() - schedule_started
         if drafting:
-            proposal = self.draft.propose(anchors, torch.tensor(starts, device=device),
-                                          torch.tensor(slots, device=device), self.draft_cache, backend,
-                                          uniforms[:, :gamma], *sampling, slot_range=consecutive_range(slots),
-                                          **hints)
+            proposal = self._propose(anchors, starts, slots, uniforms[:, :gamma], sampling, hints)
             draft_tokens, draft_probs = proposal.tokens, proposal.probs
             schedule_started = time.perf_counter()
             verify_lens, num_verify = self._schedule(requests, proposal.confidence, caps, max(starts), budget)
@@ -304,10 +305,21 @@ class Engine:
         width = draft_tokens.shape[1]
 
         # 3. one target forward over the flattened [anchor, d_1 .. d_l] of every request
-        batch = StepBatch.from_lengths(verify_lens + 1, starts, slots, num + num_verify, gamma + 1)
+        num_tokens = num + num_verify
+        if self.static:
+            bucket = next(b for b in self.buckets if b >= num_tokens)
+            batch = StepBatch.static(verify_lens + 1, starts, slots, num_tokens, bucket,
+                                     self.config.max_batch_size + 1, self.scratch_slot, self.max_model_len)
+        else:
+            batch = StepBatch.from_lengths(verify_lens + 1, starts, slots, num_tokens, gamma + 1)
         block = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)            # [R, gamma + 1]
-        batch.input_ids = block[batch.token_rows, batch.token_offsets]            # [N]
+        block = torch.cat([block, block.new_zeros(batch.num_requests - num, block.shape[1])])
+        batch.input_ids = block[batch.token_rows, batch.token_offsets.clamp(max=block.shape[1] - 1)]
         out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
+        if self.static:                      # the real tokens come first; drop the filler
+            out.logits = out.logits[:num_tokens]
+            out.hidden = out.hidden[:num_tokens] if out.hidden is not None else None
+            batch.token_rows, batch.token_offsets = batch.token_rows[:num_tokens], batch.token_offsets[:num_tokens]
         logits = out.logits.new_zeros(num, width + 1, out.logits.shape[-1])
         logits[batch.token_rows, batch.token_offsets] = out.logits               # [R, width + 1, V]
         target_probs = backend.sampling_probs(logits, *sampling, **hints)
@@ -347,6 +359,31 @@ class Engine:
         record["host_syncs"] = backend.host_syncs - syncs_before
         record["round_s"] = time.perf_counter() - started
         self.round_log.append(record)
+
+    def _propose(self, anchors, starts, slots, uniforms, sampling, hints):
+        """The draft round; with fixed shapes, padded to every request row (extra rows read the
+        scratch slot) and the full context, then cut back to the real requests."""
+        device, num = self.backend.device, anchors.shape[0]
+        if not (self.static and getattr(self.draft, "supports_static", False)):
+            return self.draft.propose(anchors, torch.tensor(starts, device=device), torch.tensor(slots, device=device),
+                                      self.draft_cache, self.backend, uniforms, *sampling,
+                                      slot_range=consecutive_range(slots), **hints)
+        pad = self.config.max_batch_size + 1 - num
+
+        def padded(values, fill):
+            return torch.cat([values, values.new_full((pad,) + tuple(values.shape[1:]), fill)])
+
+        temperature, top_k, top_p = sampling
+        proposal = self.draft.propose(
+            padded(anchors, 0), torch.tensor(starts + [0] * pad, device=device),
+            torch.tensor(slots + [self.scratch_slot] * pad, device=device), self.draft_cache, self.backend,
+            padded(uniforms, 0.0), padded(temperature, 0.0), padded(top_k, 0), padded(top_p, 1.0),
+            ctx_len=self.max_model_len, all_greedy=hints["all_greedy"], filtered=hints["filtered"])
+        for name in ("tokens", "probs", "confidence", "confidence_logits"):
+            value = getattr(proposal, name)
+            if value is not None:
+                setattr(proposal, name, value[:num])
+        return proposal
 
     def _schedule(self, requests, confidence, caps: list, context_len: int, budget: Optional[int]):
         """Verify lengths on the device, and the number of drafted tokens verified in total,

@@ -72,6 +72,8 @@ class EngineConfig:
     cost_profile: a YAML profile from `dspark calibrate`; None = the backend's analytic prior.
     calibration: "offline" (use the draft's stored STS temperatures) or "online" (keep refitting
         them from served rounds).
+    static_shapes: pad each round to the backend's token buckets, all request rows and the full
+        context (the code path graph capture uses); outputs are unchanged.
     """
     dtype: str = "auto"
     max_batch_size: int = 8
@@ -82,6 +84,9 @@ class EngineConfig:
     cost_profile: Optional[str] = None
     budget_lag: int = 2
     calibration: str = "offline"
+    # Run every round through the fixed-shape (padded, bucketed) step that graph capture
+    # replays; on the CPU this tests that path. Backends with graphs turn it on themselves.
+    static_shapes: bool = False
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -222,6 +222,32 @@ def check_generation(backend: Backend, dtype: torch.dtype, tol: dict):
     return lossless, f"speculative == plain on the backend; {agree}/{len(prompts)} equal the float64 reference"
 
 
+def check_static_generation(backend: Backend, dtype: torch.dtype, tol: dict):
+    """The fixed-shape (padded, bucketed) step: speculative == plain on the backend in `dtype`,
+    and in float64 it reproduces the eager path token for token."""
+    from ..engine import Engine
+    from ..params import SamplingParams
+    from ..testing import make_agreeing_draft, make_target
+
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [60], [5, 5]]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as work:
+        target = make_target(Path(work) / "t", "qwen3", seed=3, context_scale=0.15, logit_scale=8.0)
+        draft = make_agreeing_draft(target, Path(work) / "d", block_size=4)
+        common = dict(backend=backend, max_batch_size=3, max_model_len=96)
+        plain = Engine.from_pretrained(target, dtype=name, static_shapes=True, **common).generate(prompts, params)
+        spec = Engine.from_pretrained(target, draft=draft, dtype=name, static_shapes=True,
+                                      **common).generate(prompts, params)
+        exact = [Engine.from_pretrained(target, draft=draft, dtype="float64", static_shapes=static,
+                                        **common).generate(prompts, params) for static in (False, True)]
+    lossless = [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    same = [o.token_ids for o in exact[0]] == [o.token_ids for o in exact[1]]
+    return lossless and same, "static speculative == static plain; static == eager in float64"
+
+
+STATIC_CHECKS: dict = {"generation": check_static_generation}
+
 CHECKS: dict = {
     "sampling_probs": check_sampling_probs,
     "sample": check_sample,
@@ -242,14 +268,15 @@ def run(backend, dtypes=("float32", "bfloat16"), modes=MODES, checks: Optional[l
     for (name, check), dtype_name, mode in itertools.product(CHECKS.items(), dtypes, modes):
         if checks is not None and name not in checks:
             continue
-        if mode != "eager":
+        if mode == "graph" or (mode == "static" and name not in STATIC_CHECKS):
             reason = ("graph capture/replay is not implemented for this backend yet" if mode == "graph"
-                      else "the static-shape (padded, bucketed) path is not implemented yet")
+                      else "shape-independent operation: the static path runs the same code as eager")
             results.append(CheckResult(name, mode, dtype_name, backend.name, "skip", reason))
             continue
         tol = {op: tolerance(table, op, dtype_name, backend.name) for op in table}
+        check_fn = STATIC_CHECKS[name] if mode == "static" else check
         try:
-            passed, detail = check(backend, DTYPES[dtype_name], tol)
+            passed, detail = check_fn(backend, DTYPES[dtype_name], tol)
         except Exception as exc:  # a crash is a failed check, reported with its message
             passed, detail = False, f"{type(exc).__name__}: {exc}"
         status = "skip" if passed is None else ("pass" if passed else "fail")

@@ -102,6 +102,24 @@ class StepBatch:
         )
 
     @classmethod
+    def static(cls, query_lens: torch.Tensor, start_positions: Sequence[int], slots: Sequence[int],
+               num_tokens: int, bucket: int, num_rows: int, scratch_slot: int, kv_len: int) -> "StepBatch":
+        """The fixed-shape form of a step, as a captured graph replays it: `bucket` tokens (the real
+        `num_tokens` first, then filler), `num_rows` request rows (the real ones, then empty rows,
+        then one row that owns the filler), every query padded to `bucket`, keys read over
+        `kv_len` positions. Filler tokens write only into `scratch_slot` and attend only there,
+        so real requests compute exactly what they compute unpadded."""
+        real = query_lens.shape[0]
+        assert num_rows > real and bucket >= num_tokens, (num_rows, real, bucket, num_tokens)
+        lens = torch.cat([query_lens, query_lens.new_zeros(num_rows - real - 1),
+                          query_lens.new_full((1,), bucket - num_tokens)])
+        starts = list(start_positions) + [0] * (num_rows - real)
+        slot_list = list(slots) + [scratch_slot] * (num_rows - real)
+        batch = cls.from_lengths(lens, starts, slot_list, bucket, bucket)
+        batch.max_kv_len, batch.slot_range = kv_len, None
+        return batch
+
+    @classmethod
     def make_dummy(cls, num_requests: int, query_len: int, start: int, device: torch.device) -> "StepBatch":
         """A batch of R requests with `query_len` zero tokens each at `start` (warm-up, tests)."""
         return cls.build([[0] * query_len] * num_requests, [start] * num_requests, list(range(num_requests)), device)

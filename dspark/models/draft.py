@@ -62,6 +62,10 @@ class DraftConfig:
     anchor_as_first: bool = True
     # Per-position STS temperatures on the confidence logit (None = uncalibrated).
     confidence_temperatures: Optional[list] = None
+    # The target's logit scale, for targets that scale embeddings (Gemma: sqrt(d)) or soft-cap
+    # logits: the draft's copied embedding and LM head must be used the way the target uses them.
+    embed_scale: float = 1.0
+    final_logit_softcapping: Optional[float] = None
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -76,6 +80,10 @@ class DraftConfig:
         for layer_id in self.target_layer_ids:
             if not -1 <= layer_id < self.num_target_layers:
                 raise ValueError(f"target layer id {layer_id} is outside [-1, {self.num_target_layers - 1}]")
+        if not self.embed_scale > 0:
+            raise ValueError(f"embed_scale must be positive, got {self.embed_scale}")
+        if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
+            raise ValueError(f"final_logit_softcapping must be positive or None, got {self.final_logit_softcapping}")
 
     # The HF-style config.json: the target's config with the draft's own fields on top.
     def to_hf(self, base: Optional[dict] = None) -> dict:
@@ -106,6 +114,11 @@ class DraftConfig:
             "anchor_as_first": self.anchor_as_first,
             "confidence_temperatures": self.confidence_temperatures,
         })
+        # Written only when they differ from the defaults, so Qwen3 / Llama drafts keep DeepSpec's field set.
+        if self.embed_scale != 1.0:
+            hf["embed_scale"] = self.embed_scale
+        if self.final_logit_softcapping is not None:
+            hf["final_logit_softcapping"] = self.final_logit_softcapping
         hf.pop("rope_theta", None)
         hf.pop("rope_scaling", None)
         return hf
@@ -139,6 +152,9 @@ class DraftConfig:
                 confidence_head_with_markov=bool(hf.get("confidence_head_with_markov", False)) and confidence,
                 anchor_as_first=bool(hf.get("anchor_as_first", algorithm != "dflash")),
                 confidence_temperatures=hf.get("confidence_temperatures"),
+                embed_scale=float(hf.get("embed_scale", 1.0)),
+                final_logit_softcapping=(None if hf.get("final_logit_softcapping") is None
+                                         else float(hf["final_logit_softcapping"])),
             )
         except KeyError as exc:
             raise CheckpointError(f"{source}: draft field {exc.args[0]!r} is missing") from None
@@ -157,6 +173,33 @@ class DraftProposal:
     probs: torch.Tensor                 # [R, gamma, V] the distributions the tokens were sampled from
     confidence: Optional[torch.Tensor]  # [R, gamma] conditional survival c_k, None without a confidence head
     confidence_logits: Optional[torch.Tensor] = None  # [R, gamma] before STS temperatures (for calibration)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding times `scale`, the scale rounded to the weight dtype first, exactly as
+    Gemma targets embed (scale sqrt(d)); scale 1 is a plain embedding."""
+
+    def __init__(self, num_embeddings: int, dim: int, scale: float = 1.0):
+        super().__init__(num_embeddings, dim)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(ids)
+        return x if self.scale == 1.0 else x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+
+
+class LMHead(nn.Linear):
+    """The (frozen, target-copied) LM head, with the target's final-logit soft-capping
+    cap * tanh(logits / cap) when it has one. Training computes the target's distribution
+    through this same module, so both sides of every loss are on the target's scale."""
+
+    def __init__(self, dim: int, vocab_size: int, softcap: Optional[float] = None):
+        super().__init__(dim, vocab_size, bias=False)
+        self.softcap = softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(hidden)
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
 class DraftAttention(nn.Module):
@@ -210,12 +253,12 @@ class DSparkDraft(nn.Module):
         cfg.validate()
         self.config = cfg
         d = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_tokens = ScaledEmbedding(cfg.vocab_size, d, cfg.embed_scale)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.fc = nn.Linear(len(cfg.target_layer_ids) * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(d, cfg.vocab_size, cfg.final_logit_softcapping)
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
         self.markov_head = (MARKOV_HEADS[cfg.markov_head_type](cfg.vocab_size, cfg.markov_rank, d)
                             if cfg.markov_rank > 0 else None)
@@ -242,7 +285,11 @@ class DSparkDraft(nn.Module):
             k, v = layer.self_attn.keys_values(ctx, cos, sin)
             cache.write(i, token_slots, positions, k, v)
 
-    def backbone(self, anchor_ids, start_positions, slots, cache: KVCache, backend, slot_range=None):
+    # The backbone can run with fixed shapes (rows and context length given by the caller).
+    supports_static = True
+
+    def backbone(self, anchor_ids, start_positions, slots, cache: KVCache, backend, slot_range=None,
+                 ctx_len: Optional[int] = None):
         """One parallel pass over the block. Returns (hidden [R, gamma, d] after the final norm,
         base logits U [R, gamma, V])."""
         cfg = self.config
@@ -254,7 +301,7 @@ class DSparkDraft(nn.Module):
         positions = start_positions.unsqueeze(1) + offsets                        # [R, T]
         x = self.embed_tokens(ids)                                                # [R, T, d]
         cos, sin = self.rotary(positions, x.dtype)
-        ctx_len = max(int(start_positions.max()), 1)
+        ctx_len = ctx_len or max(int(start_positions.max()), 1)       # fixed shapes pass the full context
         ctx_mask = torch.arange(ctx_len, device=x.device).unsqueeze(0) < start_positions.unsqueeze(1)  # [R, L]
         mask = torch.cat([ctx_mask.unsqueeze(1).expand(r, block_len, -1),
                           ctx_mask.new_ones(r, block_len, block_len)], dim=-1)               # [R, T, L + T]
@@ -312,10 +359,10 @@ class DSparkDraft(nn.Module):
 
     @torch.no_grad()
     def propose(self, anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p,
-                slot_range=None, **hints):
+                slot_range=None, ctx_len: Optional[int] = None, **hints):
         """Draft one block per request. anchor_ids, start_positions, slots: [R]; uniforms: [R, gamma].
         hints: host-known sampling hints for `ops.sampling_probs` (all_greedy, filtered)."""
-        hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend, slot_range)
+        hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend, slot_range, ctx_len)
         transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
         tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
                                                 temperature, top_k, top_p, transition, **hints)
@@ -402,6 +449,9 @@ def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> 
         algorithm=algorithm, vocab_size=target.vocab_size, hidden_size=target.hidden_size,
         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
         num_target_layers=target.num_layers, rms_norm_eps=target.rms_norm_eps, rope=target.rope,
+        # Gemma targets (GemmaConfig) scale embeddings and may soft-cap logits; others do neither.
+        embed_scale=getattr(target, "embed_scale", 1.0),
+        final_logit_softcapping=getattr(target, "final_logit_softcapping", None),
         **{k: v for k, v in settings.items() if k in known},
     )
 
@@ -421,6 +471,6 @@ def check_draft_fits_target(draft: DraftConfig, target: TargetConfig, source: st
                                  "(or train one with `dspark train`).")
 
 
-__all__ = ["DRAFT_ALGORITHMS", "DraftAlgorithm", "DraftConfig", "DraftProposal", "DSparkDraft",
-           "check_draft_fits_target", "default_target_layer_ids", "draft_algorithm", "draft_config_for_target",
-           "register_draft_algorithm"]
+__all__ = ["DRAFT_ALGORITHMS", "DraftAlgorithm", "DraftConfig", "DraftProposal", "DSparkDraft", "LMHead",
+           "ScaledEmbedding", "check_draft_fits_target", "default_target_layer_ids", "draft_algorithm",
+           "draft_config_for_target", "register_draft_algorithm"]
