@@ -1,7 +1,8 @@
-"""The CUDA backend (NVIDIA GPUs). Minimal for now: eager PyTorch on the GPU.
+"""The CUDA backend (NVIDIA GPUs): eager kernels, and each fixed-shape verify step captured
+once per token bucket as a CUDA graph and replayed with new buffer contents.
 
-Graph capture and Triton kernels arrive with the backends issue; `triton` is
-imported lazily inside those kernels only.
+Not yet run on a GPU (see docs/CONFORMANCE.md). Triton kernels arrive with the backends
+issue; `triton` will be imported lazily inside them only.
 """
 from typing import Optional
 
@@ -14,6 +15,7 @@ class CUDABackend(Backend):
     name = "cuda"
     device_type = "cuda"
     default_dtype = torch.bfloat16
+    supports_graphs = True
     collective_backend = "nccl"
 
     @classmethod
@@ -34,6 +36,24 @@ class CUDABackend(Backend):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def graph_capture(self, fn):
+        """CUDA graph per fixed-shape step: warm up on a side stream, capture into a memory pool
+        shared by every bucket, return (graph, the captured step's output tensors)."""
+        torch.cuda.synchronize(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None)):
+            outputs = fn()
+        self._graph_pool = graph.pool()
+        return graph, outputs
+
+    def graph_replay(self, handle) -> None:
+        handle.replay()
 
     def device_prior(self) -> str:
         name = torch.cuda.get_device_name(self.device).lower()

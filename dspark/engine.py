@@ -100,7 +100,9 @@ class Engine:
         self.online_sts = None
         if config.calibration == "online" and draft is not None and draft.confidence_head is not None:
             self.online_sts = OnlineSTS(self.gamma, initial=draft.config.confidence_temperatures)
-        self.static = config.static_shapes or backend.supports_graphs
+        self.use_graphs = backend.supports_graphs if config.graphs is None else config.graphs
+        self.static = config.static_shapes or self.use_graphs
+        self._graphs: dict = {}          # token bucket -> (static StepBatch buffers, handle, outputs)
         # A fixed-shape step parks its filler tokens in one extra, never-used cache slot.
         slots, device = config.max_batch_size + (1 if self.static else 0), backend.device
         self.scratch_slot = config.max_batch_size
@@ -315,7 +317,10 @@ class Engine:
         block = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)            # [R, gamma + 1]
         block = torch.cat([block, block.new_zeros(batch.num_requests - num, block.shape[1])])
         batch.input_ids = block[batch.token_rows, batch.token_offsets.clamp(max=block.shape[1] - 1)]
-        out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
+        if self.use_graphs:
+            out = self._replay(batch, bucket)
+        else:
+            out = self.target(batch, self.target_cache, backend, hidden_layer_ids=self.hidden_layer_ids)
         if self.static:                      # the real tokens come first; drop the filler
             out.logits = out.logits[:num_tokens]
             out.hidden = out.hidden[:num_tokens] if out.hidden is not None else None
@@ -359,6 +364,25 @@ class Engine:
         record["host_syncs"] = backend.host_syncs - syncs_before
         record["round_s"] = time.perf_counter() - started
         self.round_log.append(record)
+
+    def _replay(self, batch: StepBatch, bucket: int):
+        """Run the verify step of this bucket as a graph: capture it once (with a step whose
+        tokens all go to the scratch slot, so capturing touches no request), then copy this
+        round's batch into its buffers and replay. Returns copies of the outputs."""
+        if bucket not in self._graphs:
+            empty = torch.zeros(0, dtype=torch.long, device=self.backend.device)
+            buffers = StepBatch.static(empty, [], [], 0, bucket, self.config.max_batch_size + 1, self.scratch_slot,
+                                       self.max_model_len)
+            handle, outputs = self.backend.graph_capture(lambda: self.target(
+                buffers, self.target_cache, self.backend, hidden_layer_ids=self.hidden_layer_ids))
+            self._graphs[bucket] = (buffers, handle, outputs)
+        buffers, handle, outputs = self._graphs[bucket]
+        for name in ("input_ids", "positions", "token_rows", "token_offsets", "token_slots", "slots",
+                     "start_positions", "query_lens", "cu_query_lens"):
+            getattr(buffers, name).copy_(getattr(batch, name))
+        self.backend.graph_replay(handle)
+        return type(outputs)(logits=outputs.logits.clone(),
+                             hidden=None if outputs.hidden is None else outputs.hidden.clone())
 
     def _propose(self, anchors, starts, slots, uniforms, sampling, hints):
         """The draft round; with fixed shapes, padded to every request row (extra rows read the

@@ -87,6 +87,9 @@ class EngineConfig:
     # Run every round through the fixed-shape (padded, bucketed) step that graph capture
     # replays; on the CPU this tests that path. Backends with graphs turn it on themselves.
     static_shapes: bool = False
+    # Capture each fixed-shape verify step once per token bucket and replay it (implies
+    # static_shapes). Default: what the backend supports (CUDA yes; the CPU reference no).
+    graphs: Optional[bool] = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:

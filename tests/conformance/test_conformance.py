@@ -21,9 +21,8 @@ def test_operation_conforms(backend, dtype, operation, conformance_results):
     results = run(backend, dtypes=(dtype,), modes=MODES, checks=[operation])
     conformance_results.extend(results)
     assert all(r.status != "fail" for r in results), "; ".join(f"{r.mode}: {r.detail}" for r in results)
-    assert any(r.mode == "eager" and r.status == "pass" for r in results) or operation == "draft_block"
-    if operation == "generation":
-        assert any(r.mode == "static" and r.status == "pass" for r in results)
-    for r in results:
-        if r.mode == "graph":
-            assert r.status == "skip"     # not yet implemented: reported, never silently passed
+    passed = {r.mode for r in results if r.status == "pass"}
+    expected = {"generation": {"eager", "static", "graph"}, "graph replay (update)": {"graph"}}.get(
+        operation, {"eager"})
+    # draft_block may skip at bfloat16 (a token on a CDF boundary is not a conformance signal)
+    assert expected <= passed or (operation == "draft_block" and dtype == "bfloat16"), (operation, passed)
