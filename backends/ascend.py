@@ -1,4 +1,7 @@
-"""The Ascend NPU backend (torch_npu). Minimal for now: eager PyTorch on the NPU.
+"""The Ascend NPU backend (torch_npu): eager kernels, and each fixed-shape verify step captured
+once per token bucket as an ACL graph (torch.npu.NPUGraph) and replayed. Not yet run on an NPU
+(see docs/CONFORMANCE.md); the fused-attention kernel with per-replay sequence-length updates
+is still to come.
 
 torch_npu is imported only when this backend is constructed, never at module
 import: on a machine without Ascend's CANN toolkit merely importing it breaks
@@ -24,6 +27,7 @@ class AscendBackend(Backend):
     name = "ascend"
     device_type = "npu"
     default_dtype = torch.bfloat16
+    supports_graphs = True
     collective_backend = "hccl"
     max_query_tokens_per_request = 16
 
@@ -52,6 +56,36 @@ class AscendBackend(Backend):
 
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)
+
+    @property
+    def supports_graph_updates(self) -> bool:
+        """NPUGraph.update (per-replay sequence lengths for fused attention) exists only in newer
+        torch_npu releases; without it each sequence-length pattern would need its own capture."""
+        return hasattr(torch.npu, "NPUGraph") and hasattr(torch.npu.NPUGraph, "update")
+
+    def graph_capture(self, fn):
+        """ACL graph per fixed-shape step. torch.npu.graph captures on its own non-default stream
+        (required on Ascend); auto_dispatch_capture records the ops whose host-side arguments
+        (sequence lengths) `NPUGraph.update` can rewrite before a replay."""
+        torch.npu.synchronize(self.device)
+        fn()                                                    # warm-up outside the capture
+        torch.npu.synchronize(self.device)
+        graph = torch.npu.NPUGraph()
+        with torch.npu.graph(graph, pool=getattr(self, "_graph_pool", None),
+                             auto_dispatch_capture=self.supports_graph_updates):
+            outputs = fn()
+        self._graph_pool = graph.pool()
+        return graph, outputs
+
+    def graph_replay(self, handle, updates=None) -> None:
+        """Replay; `updates` (a list of per-op dicts, e.g. actual sequence lengths) are pushed
+        into the captured graph first when this torch_npu supports it."""
+        if updates:
+            if not self.supports_graph_updates:
+                raise BackendUnavailableError("this torch_npu has no NPUGraph.update; upgrade torch_npu or "
+                                              "run with graphs=False")
+            handle.update(cpu_update_input=updates)
+        handle.replay()
 
     def device_prior(self) -> str:
         return "ascend-910c" if "910c" in torch.npu.get_device_name(self.device).lower() else "ascend-910b"
