@@ -74,6 +74,8 @@ class EngineConfig:
         them from served rounds).
     static_shapes: pad each round to the backend's token buckets, all request rows and the full
         context (the code path graph capture uses); outputs are unchanged.
+    graphs: capture each bucket's verify step once and replay it (implies static_shapes);
+        None = the backend's default (on for cuda / ascend, off for the CPU reference).
     """
     dtype: str = "auto"
     max_batch_size: int = 8
