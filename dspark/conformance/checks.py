@@ -222,9 +222,9 @@ def check_generation(backend: Backend, dtype: torch.dtype, tol: dict):
     return lossless, f"speculative == plain on the backend; {agree}/{len(prompts)} equal the float64 reference"
 
 
-def check_static_generation(backend: Backend, dtype: torch.dtype, tol: dict):
-    """The fixed-shape (padded, bucketed) step: speculative == plain on the backend in `dtype`,
-    and in float64 it reproduces the eager path token for token."""
+def _generation_against_eager(backend: Backend, dtype: torch.dtype, **path):
+    """Greedy generation on the backend through `path` (engine options such as static_shapes or
+    graphs): speculative == plain in `dtype`, and in float64 the same tokens as the eager path."""
     from ..engine import Engine
     from ..params import SamplingParams
     from ..testing import make_agreeing_draft, make_target
@@ -236,14 +236,19 @@ def check_static_generation(backend: Backend, dtype: torch.dtype, tol: dict):
         target = make_target(Path(work) / "t", "qwen3", seed=3, context_scale=0.15, logit_scale=8.0)
         draft = make_agreeing_draft(target, Path(work) / "d", block_size=4)
         common = dict(backend=backend, max_batch_size=3, max_model_len=96)
-        plain = Engine.from_pretrained(target, dtype=name, static_shapes=True, **common).generate(prompts, params)
-        spec = Engine.from_pretrained(target, draft=draft, dtype=name, static_shapes=True,
-                                      **common).generate(prompts, params)
-        exact = [Engine.from_pretrained(target, draft=draft, dtype="float64", static_shapes=static,
-                                        **common).generate(prompts, params) for static in (False, True)]
-    lossless = [s.token_ids for s in spec] == [p.token_ids for p in plain]
-    same = [o.token_ids for o in exact[0]] == [o.token_ids for o in exact[1]]
-    return lossless and same, "static speculative == static plain; static == eager in float64"
+        plain = Engine.from_pretrained(target, dtype=name, **path, **common).generate(prompts, params)
+        spec = Engine.from_pretrained(target, draft=draft, dtype=name, **path, **common).generate(prompts, params)
+        eager = Engine.from_pretrained(target, draft=draft, dtype="float64", graphs=False, **common)
+        exact = Engine.from_pretrained(target, draft=draft, dtype="float64", **path, **common)
+        same = [o.token_ids for o in eager.generate(prompts, params)] == \
+            [o.token_ids for o in exact.generate(prompts, params)]
+    return [s.token_ids for s in spec] == [p.token_ids for p in plain] and same
+
+
+def check_static_generation(backend: Backend, dtype: torch.dtype, tol: dict):
+    """The fixed-shape (padded, bucketed) step."""
+    ok = _generation_against_eager(backend, dtype, static_shapes=True, graphs=False)
+    return ok, "static speculative == static plain; static == eager in float64"
 
 
 STATIC_CHECKS: dict = {"generation": check_static_generation}
@@ -287,25 +292,9 @@ def check_graph_replay(backend: Backend, dtype: torch.dtype, tol: dict):
 
 
 def check_graph_generation(backend: Backend, dtype: torch.dtype, tol: dict):
-    """Generation through captured graphs: lossless on the backend, equal to eager in float64."""
-    from ..engine import Engine
-    from ..params import SamplingParams
-    from ..testing import make_agreeing_draft, make_target
-
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [60], [5, 5]]
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    with tempfile.TemporaryDirectory() as work:
-        target = make_target(Path(work) / "t", "qwen3", seed=3, context_scale=0.15, logit_scale=8.0)
-        draft = make_agreeing_draft(target, Path(work) / "d", block_size=4)
-        common = dict(backend=backend, max_batch_size=3, max_model_len=96)
-        plain = Engine.from_pretrained(target, dtype=name, graphs=True, **common).generate(prompts, params)
-        spec = Engine.from_pretrained(target, draft=draft, dtype=name, graphs=True, **common).generate(prompts, params)
-        exact = [Engine.from_pretrained(target, draft=draft, dtype="float64", graphs=graphs,
-                                        **common).generate(prompts, params) for graphs in (False, True)]
-    lossless = [s.token_ids for s in spec] == [p.token_ids for p in plain]
-    same = [o.token_ids for o in exact[0]] == [o.token_ids for o in exact[1]]
-    return lossless and same, "graph speculative == graph plain; graphs == eager in float64"
+    """Generation through captured graphs."""
+    ok = _generation_against_eager(backend, dtype, graphs=True)
+    return ok, "graph speculative == graph plain; graphs == eager in float64"
 
 
 GRAPH_CHECKS: dict = {"generation": check_graph_generation, "graph replay (update)": check_graph_replay}
