@@ -1,4 +1,4 @@
-"""dspark: lossless DSpark speculative decoding for Qwen3 / Llama targets on CPU, CUDA and Ascend.
+"""dspark: lossless DSpark speculative decoding for Qwen3 / Llama / Gemma targets on CPU, CUDA and Ascend.
 
 Layers (each imports only those below it):
     dspark.ops        pure tensor ops: sampling, draft block sampling, verify, schedule

@@ -12,8 +12,8 @@ from .backends import BACKENDS, ENV_VAR, get_backend
 from .calibration import fit_from_engine
 from .cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
 from .engine import Engine
-from .models import DraftConfig, TargetConfig
-from .models.checkpoint import model_dir, read_config
+from .models import DraftConfig
+from .models.checkpoint import model_dir, read_config, target_config
 from .params import SamplingParams
 from .profiling import profile_engine
 from .simulator import DEFAULT_CONCURRENCY, markdown_table, plot, plot_cost_model, rows_as_dicts, simulate
@@ -112,7 +112,7 @@ def _cmd_simulate(args) -> int:
         if not args.target:
             raise ValueError("--device needs --target DIR (its config.json sizes the model); or pass --profile")
         target_dir = model_dir(args.target, "target")
-        target_cfg = TargetConfig.from_hf(read_config(target_dir, "target"), str(target_dir / "config.json"))
+        target_cfg = target_config(read_config(target_dir, "target"), str(target_dir / "config.json"))
         draft_cfg = None
         if args.draft:
             draft_dir = model_dir(args.draft, "draft")

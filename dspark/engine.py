@@ -100,7 +100,12 @@ class Engine:
         self.online_sts = None
         if config.calibration == "online" and draft is not None and draft.confidence_head is not None:
             self.online_sts = OnlineSTS(self.gamma, initial=draft.config.confidence_temperatures)
-        self.use_graphs = backend.supports_graphs if config.graphs is None else config.graphs
+        # Graphs need a target whose step has no data-dependent host work (Gemma MoE routing has).
+        graphable = getattr(target, "supports_graphs", True)
+        self.use_graphs = (backend.supports_graphs and graphable) if config.graphs is None else config.graphs
+        if self.use_graphs and not graphable:
+            raise ValueError("this target cannot run as a captured graph (its step reads data-dependent sizes on "
+                             "the host, e.g. mixture-of-experts routing); use graphs=False")
         self.static = config.static_shapes or self.use_graphs
         self._graphs: dict = {}          # token bucket -> (static StepBatch buffers, handle, outputs)
         # A fixed-shape step parks its filler tokens in one extra, never-used cache slot.

@@ -126,9 +126,20 @@ def load_tokenizer(directory: Path) -> Optional[object]:
         raise CheckpointError(f"tokenizer files in {directory} could not be loaded: {exc}") from None
 
 
+def target_config(hf: dict, source: str = "config.json"):
+    """The runner config for a target's config.json: a `GemmaConfig` for Gemma 3 / Gemma 4 text
+    models (also inside a multimodal wrapper's text_config), else a `TargetConfig`."""
+    from .config import TargetConfig
+    from .gemma import GemmaConfig, gemma_text_config
+
+    if gemma_text_config(hf) is not None:
+        return GemmaConfig.from_hf(hf, source)
+    return TargetConfig.from_hf(hf, source)
+
+
 def load_target(path: PathLike, device: torch.device, dtype: torch.dtype):
     """Build the target runner from a checkpoint directory. Returns (model, tokenizer)."""
-    from .config import TargetConfig
+    from .gemma import GemmaConfig, GemmaTargetModel, gemma_text_config, gemma_text_weights
     from .target import TargetModel
 
     directory = model_dir(path, "target")
@@ -136,9 +147,15 @@ def load_target(path: PathLike, device: torch.device, dtype: torch.dtype):
     if "target_layer_ids" in hf:
         raise CheckpointError(f"{directory} is a draft model directory (its config.json has target_layer_ids); "
                               "pass it as the draft and give the target model's directory as the target")
-    if "text_config" in hf and "model_type" not in hf.get("text_config", {}):
+    if gemma_text_config(hf) is None and "text_config" in hf and "model_type" not in hf.get("text_config", {}):
         raise CheckpointError(f"{directory}/config.json wraps a text_config without a model_type")
-    cfg = TargetConfig.from_hf(hf, source=str(directory / "config.json"))
+    cfg = target_config(hf, source=str(directory / "config.json"))
+    if isinstance(cfg, GemmaConfig):
+        model = GemmaTargetModel(cfg)
+        load_state(model, gemma_text_weights(read_weights(directory, "target"), model), directory,
+                   optional=model.optional_weights())
+        model.to(device=device, dtype=dtype).eval()
+        return model, load_tokenizer(directory)
     model = TargetModel(cfg)
     weights = read_weights(directory, "target")
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:

@@ -13,9 +13,10 @@ import torch
 
 from ..errors import CheckpointError
 from .checkpoint import (PathLike, load_state, model_dir, read_config, read_weights, save_weights,
-                         strip_prefix)
+                         strip_prefix, target_config)
 from .config import TargetConfig
 from .draft import DraftConfig, check_draft_fits_target, draft_algorithm, draft_config_for_target
+from .gemma import gemma_text_config
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 
@@ -68,7 +69,7 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
 
     target_path = model_dir(target_dir, "target")
     target_hf = read_config(target_path, "target")
-    target_cfg = TargetConfig.from_hf(target_hf, source=str(target_path / "config.json"))
+    target_cfg = target_config(target_hf, source=str(target_path / "config.json"))
     seed = options.get("seed", 0)
     try:
         cfg = draft_config_for_target(target_cfg, algorithm, **options)
@@ -85,6 +86,9 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
                     module.bias.zero_()
         model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
         model.lm_head.weight.copy_(target.lm_head.weight)
-    base = {k: v for k, v in target_hf.items() if k not in ("architectures", "auto_map")}
+    # The draft's config.json starts from the target's text config (a multimodal wrapper's
+    # text_config, not its vision / audio parts).
+    text_hf = gemma_text_config(target_hf) or target_hf
+    base = {k: v for k, v in text_hf.items() if k not in ("architectures", "auto_map")}
     save_draft(model, out_dir, base)
     return str(out_dir)

@@ -31,7 +31,6 @@ A config that turns on something not listed here is refused with a
 `CheckpointError` naming the feature (see `GemmaConfig.from_hf`).
 """
 import copy
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional, Sequence
@@ -78,7 +77,7 @@ class GemmaRope:
 
 
 @dataclass
-class GemmaLayer:
+class GemmaLayerSpec:
     """What differs between layers."""
     layer_type: str        # SLIDING or FULL
     head_dim: int
@@ -100,7 +99,7 @@ class GemmaConfig:
     head_dim: int                         # idem
     rms_norm_eps: float
     max_position_embeddings: int
-    layers: list
+    layers: list                          # [GemmaLayerSpec] per layer
     sliding_window: Optional[int]
     ropes: dict                           # layer type -> GemmaRope
     attention_scale: float                # multiplies q.k
@@ -135,7 +134,7 @@ class GemmaConfig:
         model_type = text["model_type"]
         get = _getter(text, model_type)
         gemma4 = model_type == "gemma4_text"
-        _refuse_unsupported(text, model_type, source)
+        _refuse_unsupported(text, model_type, source, wrapped=text is not hf)
 
         num_layers, heads = int(get("num_hidden_layers")), int(get("num_attention_heads"))
         layer_types = _layer_types(text, num_layers, gemma4, source)
@@ -145,21 +144,22 @@ class GemmaConfig:
         intermediate = int(get("intermediate_size"))
         double_wide = gemma4 and bool(text.get("use_double_wide_mlp"))
         k_eq_v = gemma4 and bool(text.get("attention_k_eq_v"))
-        layers = [GemmaLayer(layer_type=kind,
-                             head_dim=int(overrides.get(i, {}).get("head_dim", head_dim)),
-                             num_kv_heads=int(overrides.get(i, {}).get("num_key_value_heads", kv_heads)),
-                             intermediate_size=intermediate * (2 if double_wide and sources[i] != i else 1),
-                             kv_source=sources[i], k_eq_v=k_eq_v and kind == FULL)
+        layers = [GemmaLayerSpec(layer_type=kind,
+                                 head_dim=int(overrides.get(i, {}).get("head_dim", head_dim)),
+                                 num_kv_heads=int(overrides.get(i, {}).get("num_key_value_heads", kv_heads)),
+                                 intermediate_size=intermediate * (2 if double_wide and sources[i] != i else 1),
+                                 kv_source=sources[i], k_eq_v=k_eq_v and kind == FULL)
                   for i, kind in enumerate(layer_types)]
         for kind in set(layer_types):
             dims = {layer.head_dim for layer in layers if layer.layer_type == kind}
             if len(dims) > 1:   # one RoPE table per layer type, as in transformers
-                raise CheckpointError(f"{source}: {kind} layers with different head_dim {sorted(dims)} are not supported")
+                raise CheckpointError(f"{source}: {kind} layers with different head_dim {sorted(dims)} "
+                                      "are not supported")
         ropes = _ropes(text, model_type, source)
         local = ropes.get(SLIDING) or ropes[FULL]
         window = get("sliding_window")
-        eos = text.get("eos_token_id", _DEFAULTS[model_type]["eos_token_id"]) if "eos_token_id" not in hf \
-            or hf is text else hf["eos_token_id"]
+        # A multimodal wrapper states the chat's stop tokens at its top level.
+        eos = hf["eos_token_id"] if hf is not text and hf.get("eos_token_id") is not None else get("eos_token_id")
         softcap = text.get("final_logit_softcapping")
         moe = gemma4 and bool(text.get("enable_moe_block"))
         return cls(
@@ -215,7 +215,7 @@ def _getter(text: dict, model_type: str):
     return get
 
 
-def _refuse_unsupported(text: dict, model_type: str, source: str) -> None:
+def _refuse_unsupported(text: dict, model_type: str, source: str, wrapped: bool) -> None:
     """Features a config may switch on that this runner does not implement: refuse, by name."""
     activation = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
     if activation not in ACTIVATIONS:
@@ -229,8 +229,15 @@ def _refuse_unsupported(text: dict, model_type: str, source: str) -> None:
         # transformers' Gemma 3 stores this value but never applies it, while Gemma 2-style
         # runtimes do: which one a checkpoint was trained with cannot be told from the file.
         raise CheckpointError(f"{source}: attention logit soft-capping (attn_logit_softcapping="
-                              f"{text['attn_logit_softcapping']}) is not supported: transformers' Gemma 3 ignores it, "
-                              "so its meaning for this checkpoint is ambiguous; set it to null to run as transformers does")
+                              f"{text['attn_logit_softcapping']}) is not supported: transformers' Gemma 3 ignores "
+                              "it, so its meaning for this checkpoint is ambiguous; set it to null to run as "
+                              "transformers does")
+    if model_type == "gemma3_text" and wrapped and text.get("final_logit_softcapping") is not None:
+        # Gemma3ForConditionalGeneration never soft-caps, Gemma3ForCausalLM does: ambiguous again.
+        raise CheckpointError(f"{source}: final logit soft-capping (final_logit_softcapping="
+                              f"{text['final_logit_softcapping']}) in a Gemma 3 multimodal checkpoint is not "
+                              "supported: transformers applies it to the text model alone but not to the image-text "
+                              "model; set it to null to run as Gemma3ForConditionalGeneration does")
     if model_type == "gemma4_text" and text.get("enable_moe_block"):
         missing = [k for k in ("num_experts", "top_k_experts", "moe_intermediate_size") if not text.get(k)]
         if missing:
@@ -434,7 +441,7 @@ class GemmaAttention(nn.Module):
             if self.v_norm is not None:
                 v = self.v_norm(v)
             cache.write(self.layer_idx, batch.token_slots, batch.positions, k, v)
-        keys, values = cache.read(self.kv_source, batch.slots, batch.max_kv_len, batch.slot_range)  # [R, L, KVH, D]
+        keys, values = cache.read(self.kv_source, batch.slots, mask.shape[-1], batch.slot_range)    # [R, L, KVH, D]
         query = padded_queries(q, batch)                                                           # [R, Qmax, H, D]
         out = backend.attention(query.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
                                 values.transpose(1, 2).to(q.dtype), mask, self.scale)               # [R, H, Qmax, D]
@@ -505,7 +512,7 @@ class GemmaExperts(nn.Module):
         return out
 
 
-class GemmaLayer_(nn.Module):
+class GemmaDecoderLayer(nn.Module):
     """One decoder layer:
         x = x + post_attn_norm(attn(input_norm(x)))
         x = x + post_ff_norm(mlp(pre_ff_norm(x)) [+ MoE branch])
@@ -565,7 +572,7 @@ class _GemmaDecoder(nn.Module):
         super().__init__()
         d, zero_centred = cfg.hidden_size, not cfg.gemma4
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        self.layers = nn.ModuleList(GemmaLayer_(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = GemmaRMSNorm(d, cfg.rms_norm_eps, zero_centred)
         if cfg.hidden_size_per_layer_input:
             width = cfg.num_layers * cfg.hidden_size_per_layer_input
@@ -585,9 +592,6 @@ def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
 class GemmaTargetModel(nn.Module):
     """Gemma 3 / Gemma 4 text decoder with `TargetModel`'s interface."""
 
-    # Checkpoint tensors that may be absent (transformers then initialises them to ones).
-    OPTIONAL_WEIGHTS_SUFFIX = ".layer_scalar"
-
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.config = cfg
@@ -597,20 +601,29 @@ class GemmaTargetModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight   # one tensor, as in the checkpoint
         self.rotary = GemmaRotary(cfg)
 
+    @property
+    def supports_graphs(self) -> bool:
+        """False with MoE blocks: grouping tokens by expert reads the group sizes on the host,
+        which a device graph cannot capture (the engine must run such a target eagerly)."""
+        return self.config.num_experts == 0
+
     def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> GemmaKVCache:
         return GemmaKVCache(self.config, num_slots, max_len, dtype, device)
 
     def optional_weights(self) -> tuple:
-        return tuple(name for name in self.state_dict() if name.endswith(self.OPTIONAL_WEIGHTS_SUFFIX))
+        """Checkpoint tensors that may be absent: transformers then initialises them to ones."""
+        return tuple(name for name in self.state_dict() if name.endswith(".layer_scalar"))
 
-    def attention_masks(self, batch: StepBatch, device) -> dict:
-        """Layer type -> [R, 1, Qmax, L] bool. Causal; a sliding layer's query at p also needs
+    def attention_masks(self, batch: StepBatch, kv_len: int, device) -> dict:
+        """Layer type -> [R, 1, Qmax, kv_len] bool. Causal; a sliding layer's query at p also needs
         key position > p - sliding_window. Padding rows (past a request's query) copy its last
-        real row, so no row is empty (an empty row would make the attention NaN)."""
+        real row, so no row is empty (an empty row would make the attention NaN). Built on the
+        device from the batch's tensors: no host sync, so a captured graph can replay it."""
         offsets = torch.arange(batch.max_query_len, device=device)
-        offsets = torch.minimum(offsets.unsqueeze(0), (batch.query_lens - 1).unsqueeze(1))         # [R, Qmax]
+        last = (batch.query_lens - 1).clamp(min=0)          # empty rows (fixed-shape steps) act as offset 0
+        offsets = torch.minimum(offsets.unsqueeze(0), last.unsqueeze(1))                          # [R, Qmax]
         query_pos = (batch.start_positions.unsqueeze(1) + offsets).unsqueeze(-1)                   # [R, Qmax, 1]
-        key_pos = torch.arange(batch.max_kv_len, device=device).view(1, 1, -1)                     # [1, 1, L]
+        key_pos = torch.arange(kv_len, device=device).view(1, 1, -1)                               # [1, 1, L]
         causal = key_pos <= query_pos
         masks = {FULL: causal.unsqueeze(1)}
         window = self.config.sliding_window
@@ -639,8 +652,8 @@ class GemmaTargetModel(nn.Module):
         cfg = self.config
         x = scaled(self.model.embed_tokens(batch.input_ids), cfg.embed_scale)       # [N, d]
         per_layer = self.per_layer_inputs(batch.input_ids, x) if cfg.hidden_size_per_layer_input else None
-        rope = {kind: self.rotary(batch.positions, x.dtype, kind) for kind in {l.layer_type for l in cfg.layers}}
-        masks = self.attention_masks(batch, x.device)
+        rope = {kind: self.rotary(batch.positions, x.dtype, kind) for kind in {s.layer_type for s in cfg.layers}}
+        masks = self.attention_masks(batch, min(batch.max_kv_len, cache.max_len), x.device)
         wanted = {layer_id: None for layer_id in hidden_layer_ids}
         if -1 in wanted:
             wanted[-1] = x
