@@ -11,7 +11,7 @@ imports only `dspark.ops`. Device packages (torch_npu, triton) are imported
 inside the backend that needs them, when it is constructed.
 """
 import os
-from typing import Optional, Union
+from typing import Union
 
 from .ascend import AscendBackend
 from .base import Backend, BackendUnavailableError

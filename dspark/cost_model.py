@@ -21,12 +21,14 @@ The backend supplies the device facts; nothing here names a device in code paths
 the scheduler takes.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import yaml
+
+from .yaml_config import read_config_yaml
 
 
 @dataclass
@@ -156,19 +158,7 @@ class CostModel:
 
     @classmethod
     def from_yaml(cls, path) -> "CostModel":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"cost profile {str(path)!r} does not exist (create one with `dspark calibrate`)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ValueError(f"cost profile {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"cost profile {path} must be a YAML mapping")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"cost profile {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        data = read_config_yaml(cls, path, "cost profile", " (create one with `dspark calibrate`)")
         try:
             return cls(**data)
         except TypeError as exc:

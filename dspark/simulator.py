@@ -14,7 +14,6 @@ with per-position acceptance statistics and play rounds of R concurrent requests
 It reproduces the shape of the paper's Figures 7-8: fixed lengths win at low load and
 lose at high load, the load-aware modes follow the better of the two.
 """
-from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 

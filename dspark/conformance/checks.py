@@ -1,11 +1,10 @@
 """The conformance checks. Each compares one operation on a backend with the float64 CPU
 reference on fresh random inputs (never zeros), under the tolerances in tolerances.yaml."""
 import itertools
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -204,7 +203,6 @@ def check_generation(backend: Backend, dtype: torch.dtype, tol: dict):
     """End to end: greedy speculative generation on the backend equals plain decoding there, and
     matches the CPU float64 reference up to the first near-tie."""
     from ..engine import Engine
-    from ..models import init_draft
     from ..params import SamplingParams
     from ..testing import make_agreeing_draft, make_target
 

@@ -5,7 +5,6 @@ Qwen2, Llama/Mistral-style decoders). Both the transformers 4.x spelling
 (`rope_theta`, `rope_scaling`) and the 5.x spelling (`rope_parameters`) are read.
 """
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..errors import CheckpointError
 

@@ -10,13 +10,12 @@ predictions) or anchor + gamma masks (DFlash: predictions at the mask slots).
 The anchor's own context features are never visible to its block: the anchor
 has not been through the target yet, so the context ends just before it.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .. import ops
 from ..errors import CheckpointError, DraftMismatchError
 from .batch import KVCache
 from .config import RopeConfig, TargetConfig

@@ -10,11 +10,10 @@ the target's own distribution, not the dataset's), appended to a JSONL file as t
 finish, so an interrupted run resumes where it stopped and a finished one can be reused.
 """
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 

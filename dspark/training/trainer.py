@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 
 from ..backends import get_backend
+from ..yaml_config import read_config_yaml
 from ..models import load_draft, load_target, save_draft
 from ..models.checkpoint import model_dir, read_config
 from ..models.draft_io import init_draft
@@ -80,18 +81,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TrainConfig":
-        data = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"train config {str(path)!r} does not exist")
-            data = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{path} must be a YAML mapping")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        data = {} if path is None else read_config_yaml(cls, path, "train config")
         data.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**data)
         config.validate()
