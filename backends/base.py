@@ -87,6 +87,10 @@ class Backend:
         return _RecordedGraph(fn, outputs), outputs
 
     def graph_replay(self, handle) -> None:
+        """Replay a captured step. A captured step reads its inputs where it was captured: device
+        tensors by address, and host-side arguments (a StepBatch's `kv_lens` list) by reference,
+        so a backend whose graphs bake host values into kernels (Ascend's fused attention) re-reads
+        those lists here and pushes them into the graph before replaying."""
         handle.replay()
 
     # --- kernels used by the models ---
@@ -97,7 +101,13 @@ class Backend:
         value: torch.Tensor,  # [R, KVH, K, D]
         mask: torch.Tensor,   # [R, 1, Q, K] bool, True = may attend
         scale: float,
+        kv_lens: Optional[list] = None,
     ) -> torch.Tensor:        # [R, H, Q, D]
+        """Attention of R padded query blocks over their keys. The mask is authoritative.
+        `kv_lens` (optional, host-side ints, one per row) promises that row r attends no key at
+        index >= kv_lens[r] (values past K are clamped), so a kernel may skip those keys. Pass
+        the step's own list (StepBatch.kv_lens), not a copy: a captured graph re-reads it at
+        each replay. The reference ignores it."""
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
                                               enable_gqa=query.shape[1] != key.shape[1])
 

@@ -1,13 +1,19 @@
 """The CUDA backend (NVIDIA GPUs): eager kernels, and each fixed-shape verify step captured
 once per token bucket as a CUDA graph and replayed with new buffer contents.
 
-Not yet run on a GPU (see docs/CONFORMANCE.md). Triton kernels arrive with the backends
-issue; `triton` will be imported lazily inside them only.
+Optional Triton kernels (backends/triton_kernels.py) replace the reference verification and the
+draft's temperature-sampling step when triton is installed and the device is CUDA; triton is
+imported lazily, on the first call that could use it, never at import. Top-k / top-p draft
+sampling, and any call without host-known sampling hints, run the reference ops. The control
+flow runs in CI through CPU stand-ins; see docs/CONFORMANCE.md for runs on real GPUs.
 """
+import importlib
+import importlib.util
 from typing import Optional
 
 import torch
 
+from .. import ops
 from .base import Backend, BackendUnavailableError
 
 
@@ -17,6 +23,8 @@ class CUDABackend(Backend):
     default_dtype = torch.bfloat16
     supports_graphs = True
     collective_backend = "nccl"
+    # Use the Triton kernels when triton is importable and the device is CUDA.
+    use_triton = True
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -55,6 +63,42 @@ class CUDABackend(Backend):
     def graph_replay(self, handle) -> None:
         handle.replay()
 
+    # --- optional Triton kernels ---
+    @property
+    def triton_kernels(self):
+        """The Triton kernel module, or None (disabled, not a CUDA device, triton missing); the
+        reason is kept in `triton_reason`. Imported once, on first use."""
+        if not hasattr(self, "_triton_kernels"):
+            self._triton_kernels, self.triton_reason = None, None
+            if not self.use_triton:
+                self.triton_reason = "disabled (use_triton = False)"
+            elif self.device.type != "cuda":
+                self.triton_reason = f"device {self.device} is not CUDA"
+            elif importlib.util.find_spec("triton") is None:
+                self.triton_reason = "triton is not installed (pip install 'dspark[cuda]')"
+            else:
+                try:
+                    self._triton_kernels = importlib.import_module(".triton_kernels", __package__)
+                except Exception as exc:  # a broken triton install must not break the backend
+                    self.triton_reason = f"importing triton failed: {exc}"
+        return self._triton_kernels
+
+    def verify(self, draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms):
+        kernels = self.triton_kernels
+        if kernels is None:
+            return super().verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms,
+                                  sample_uniforms)
+        tokens, accepted = kernels.verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms,
+                                          sample_uniforms)
+        return ops.VerifyResult(output_tokens=tokens, num_accepted=accepted, num_emitted=accepted + 1)
+
+    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None, **hints):
+        kernels = self.triton_kernels
+        # The kernel samples with temperature only; top-k / top-p (or unknown hints) take the reference.
+        if kernels is None or hints.get("filtered") is not False:
+            return super().draft(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition, **hints)
+        return kernels.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, transition)
+
     def device_prior(self) -> str:
         name = torch.cuda.get_device_name(self.device).lower()
         for key in ("h200", "h100", "a100"):
@@ -66,4 +110,7 @@ class CUDABackend(Backend):
         info = super().describe()
         info["device_name"] = torch.cuda.get_device_name(self.device)
         info["cuda"] = torch.version.cuda
+        info["triton_kernels"] = self.triton_kernels is not None
+        if self.triton_reason:
+            info["triton_reason"] = self.triton_reason
         return info

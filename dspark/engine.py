@@ -112,6 +112,8 @@ class Engine:
         slots, device = config.max_batch_size + (1 if self.static else 0), backend.device
         self.scratch_slot = config.max_batch_size
         self.buckets = backend.token_buckets(config.max_batch_size * (self.gamma + 1))
+        # Query tokens one request carries in a verify step (anchor + drafts), within the backend's limit.
+        self.query_width = backend.max_verify_len(self.gamma) + 1
         self.target_cache = target.make_cache(slots, self.max_model_len, self.dtype, device)
         self.draft_cache = draft.make_cache(slots, self.max_model_len, self.dtype, device) if draft else None
         # One record per round of the last run: requests, verify tokens, host syncs, timings,
@@ -315,10 +317,9 @@ class Engine:
         num_tokens = num + num_verify
         if self.static:
             bucket = next(b for b in self.buckets if b >= num_tokens)
-            batch = StepBatch.static(verify_lens + 1, starts, slots, num_tokens, bucket,
-                                     self.config.max_batch_size + 1, self.scratch_slot, self.max_model_len)
+            batch = self._static_batch(verify_lens + 1, starts, slots, num_tokens, bucket)
         else:
-            batch = StepBatch.from_lengths(verify_lens + 1, starts, slots, num_tokens, gamma + 1)
+            batch = StepBatch.from_lengths(verify_lens + 1, starts, slots, num_tokens, self.query_width)
         block = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)            # [R, gamma + 1]
         block = torch.cat([block, block.new_zeros(batch.num_requests - num, block.shape[1])])
         batch.input_ids = block[batch.token_rows, batch.token_offsets.clamp(max=block.shape[1] - 1)]
@@ -370,14 +371,19 @@ class Engine:
         record["round_s"] = time.perf_counter() - started
         self.round_log.append(record)
 
+    def _static_batch(self, query_lens, starts, slots, num_tokens: int, bucket: int) -> StepBatch:
+        """The fixed-shape verify step of `bucket` tokens (the layout every graph of that bucket has)."""
+        rows = StepBatch.static_rows(bucket, self.config.max_batch_size, self.query_width)
+        return StepBatch.static(query_lens, starts, slots, num_tokens, bucket, rows, self.scratch_slot,
+                                self.max_model_len, self.query_width)
+
     def _replay(self, batch: StepBatch, bucket: int):
         """Run the verify step of this bucket as a graph: capture it once (with a step whose
         tokens all go to the scratch slot, so capturing touches no request), then copy this
         round's batch into its buffers and replay. Returns copies of the outputs."""
         if bucket not in self._graphs:
             empty = torch.zeros(0, dtype=torch.long, device=self.backend.device)
-            buffers = StepBatch.static(empty, [], [], 0, bucket, self.config.max_batch_size + 1, self.scratch_slot,
-                                       self.max_model_len)
+            buffers = self._static_batch(empty, [], [], 0, bucket)
             handle, outputs = self.backend.graph_capture(lambda: self.target(
                 buffers, self.target_cache, self.backend, hidden_layer_ids=self.hidden_layer_ids))
             self._graphs[bucket] = (buffers, handle, outputs)
@@ -385,6 +391,7 @@ class Engine:
         for name in ("input_ids", "positions", "token_rows", "token_offsets", "token_slots", "slots",
                      "start_positions", "query_lens", "cu_query_lens"):
             getattr(buffers, name).copy_(getattr(batch, name))
+        buffers.kv_lens[:] = batch.kv_lens           # the host-side buffer, in place: the graph reads this list
         self.backend.graph_replay(handle)
         return type(outputs)(logits=outputs.logits.clone(),
                              hidden=None if outputs.hidden is None else outputs.hidden.clone())

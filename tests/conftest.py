@@ -1,6 +1,14 @@
-import pytest
+import os
 
-from dspark.testing import make_agreeing_draft, make_target
+import pytest
+import torch
+
+# Without a GPU, Triton can only run interpreted, and it decides that when it is first imported
+# (transformers imports it): set it before anything does, for tests/test_triton_kernels.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dspark.testing import make_agreeing_draft, make_target  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 import dspark
 import dspark.backends.ascend as ascend_module
 import dspark.backends.cuda as cuda_module
-from graph_standins import StandInGraph, TorchWithDevice, device_module
+from graph_standins import StandInGraph, TorchWithDevice, device_module, torch_npu_module
 from test_engine_greedy import GREEDY, ragged_prompts
 
 
@@ -27,6 +27,9 @@ def stand_in_backend(monkeypatch, module, cls, device_name, graph_class):
 
         def __init__(self):
             dspark.backends.Backend.__init__(self)
+            if cls is ascend_module.AscendBackend:           # what AscendBackend.__init__ sets after the import
+                self.torch_npu = torch_npu_module()
+                self._setup_attention("auto")
 
     return StandIn()
 
@@ -48,20 +51,20 @@ def test_backend_graph_code_replays_like_eager(monkeypatch, bigram_qwen3, which)
     assert engine.use_graphs and engine.static                  # graphs are on by default for this backend
     outputs = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
-    graphs = [handle for _, handle, _ in engine._graphs.values()]
+    graphs = [getattr(handle, "graph", handle) for _, handle, _ in engine._graphs.values()]
     assert StandInGraph.captures - before == len(graphs) >= 2   # one capture per bucket, then replays only
     assert all(isinstance(g, StandInGraph) and g.records for g in graphs)
 
 
-def test_ascend_replay_pushes_updates_only_where_supported(monkeypatch):
+def test_ascend_graph_without_fused_calls_replays_without_updates(monkeypatch):
     backend = stand_in_backend(monkeypatch, ascend_module, ascend_module.AscendBackend, "npu", "NPUGraph")
     buffer = torch.arange(4.0)
     handle, out = backend.graph_capture(lambda: buffer * 2)
     buffer.copy_(torch.tensor([5.0, 6.0, 7.0, 8.0]))
-    backend.graph_replay(handle, updates=[{"actual_seq_lengths_kv": [3, 5]}])
+    backend.graph_replay(handle)
     assert out.tolist() == [10.0, 12.0, 14.0, 16.0]              # replay recomputed from the buffer
-    assert handle.updates == [[{"actual_seq_lengths_kv": [3, 5]}]] and handle.auto_dispatch_capture
+    assert handle.graph.auto_dispatch_capture and handle.length_sources == [] and handle.graph.updates == []
     monkeypatch.delattr(StandInGraph, "update")                  # an older torch_npu without NPUGraph.update
     assert not backend.supports_graph_updates
-    with pytest.raises(dspark.BackendUnavailableError, match="no NPUGraph.update"):
-        backend.graph_replay(handle, updates=[{"actual_seq_lengths_kv": [1]}])
+    handle, out = backend.graph_capture(lambda: buffer * 3)
+    assert not handle.graph.auto_dispatch_capture

@@ -35,6 +35,11 @@ class StepBatch:
     # (first, stop) when the requests occupy consecutive cache slots in order: the cache can
     # then hand out a view instead of gathering (known on the host when the batch is built).
     slot_range: Optional[tuple] = None
+    # Host-side, one int per request row: an upper bound on the keys the row attends
+    # (start + max_query_len), so an attention kernel may skip the rest of the cache
+    # (Backend.attention's kv_lens). In a captured graph's static buffers this list is a host
+    # buffer: the engine overwrites it in place before each replay, like the device buffers.
+    kv_lens: Optional[list] = None
 
     @property
     def num_requests(self) -> int:
@@ -75,6 +80,7 @@ class StepBatch:
             max_query_len=max(query_lens),
             max_kv_len=max(s + n for s, n in zip(start_positions, query_lens)),
             slot_range=consecutive_range(slots),
+            kv_lens=[s + n for s, n in zip(start_positions, query_lens)],
         )
 
     @classmethod
@@ -99,25 +105,42 @@ class StepBatch:
             token_rows=rows, token_offsets=offsets, token_slots=slot_tensor[rows], slots=slot_tensor,
             start_positions=starts, query_lens=query_lens, cu_query_lens=cu, max_query_len=max_query_len,
             max_kv_len=max(start_positions) + max_query_len, slot_range=consecutive_range(slots),
+            kv_lens=[s + max_query_len for s in start_positions],
         )
 
     @classmethod
     def static(cls, query_lens: torch.Tensor, start_positions: Sequence[int], slots: Sequence[int],
-               num_tokens: int, bucket: int, num_rows: int, scratch_slot: int, kv_len: int) -> "StepBatch":
+               num_tokens: int, bucket: int, num_rows: int, scratch_slot: int, kv_len: int,
+               max_query_len: Optional[int] = None) -> "StepBatch":
         """The fixed-shape form of a step, as a captured graph replays it: `bucket` tokens (the real
         `num_tokens` first, then filler), `num_rows` request rows (the real ones, then empty rows,
-        then one row that owns the filler), every query padded to `bucket`, keys read over
-        `kv_len` positions. Filler tokens write only into `scratch_slot` and attend only there,
-        so real requests compute exactly what they compute unpadded."""
+        then the rows that own the filler), every query padded to `max_query_len` (default and at
+        most `bucket`), keys read over `kv_len` positions. Filler tokens are spread over the last
+        rows, at most `max_query_len` each (so a backend's per-request query limit also holds for
+        them); they write only into `scratch_slot` and attend only there, so real requests compute
+        exactly what they compute unpadded. `static_rows` gives a `num_rows` that always fits."""
         real = query_lens.shape[0]
-        assert num_rows > real and bucket >= num_tokens, (num_rows, real, bucket, num_tokens)
-        lens = torch.cat([query_lens, query_lens.new_zeros(num_rows - real - 1),
-                          query_lens.new_full((1,), bucket - num_tokens)])
+        width = min(bucket, max_query_len or bucket)
+        filler = bucket - num_tokens
+        fill = [width] * (filler // width) + ([filler % width] if filler % width else [])
+        assert bucket >= num_tokens and num_rows >= real + len(fill), (num_rows, real, bucket, num_tokens, width)
+        filler_lens = query_lens.new_full((len(fill),), width)        # device fills, no host -> device copy
+        if filler % width:
+            filler_lens[-1:].fill_(filler % width)
+        lens = torch.cat([query_lens, query_lens.new_zeros(num_rows - real - len(fill)), filler_lens])
         starts = list(start_positions) + [0] * (num_rows - real)
         slot_list = list(slots) + [scratch_slot] * (num_rows - real)
-        batch = cls.from_lengths(lens, starts, slot_list, bucket, bucket)
+        batch = cls.from_lengths(lens, starts, slot_list, bucket, width)
         batch.max_kv_len, batch.slot_range = kv_len, None
+        batch.kv_lens = [min(n, kv_len) for n in batch.kv_lens]
         return batch
+
+    @staticmethod
+    def static_rows(bucket: int, max_requests: int, max_query_len: int) -> int:
+        """Rows of the fixed-shape step for `bucket` tokens: enough for any `max_requests` real
+        requests (each at least one token) plus the filler rows, at most `max_query_len` per row."""
+        real = min(max_requests, bucket)
+        return real + -(-(bucket - real) // max_query_len)
 
     @classmethod
     def make_dummy(cls, num_requests: int, query_len: int, start: int, device: torch.device) -> "StepBatch":

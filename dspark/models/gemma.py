@@ -444,7 +444,8 @@ class GemmaAttention(nn.Module):
         keys, values = cache.read(self.kv_source, batch.slots, mask.shape[-1], batch.slot_range)    # [R, L, KVH, D]
         query = padded_queries(q, batch)                                                           # [R, Qmax, H, D]
         out = backend.attention(query.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                                values.transpose(1, 2).to(q.dtype), mask, self.scale)               # [R, H, Qmax, D]
+                                values.transpose(1, 2).to(q.dtype), mask, self.scale,
+                                kv_lens=batch.kv_lens)                                              # [R, H, Qmax, D]
         out = out.transpose(1, 2)[batch.token_rows, batch.token_offsets]                          # [N, H, D]
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 

@@ -56,7 +56,8 @@ class TargetAttention(nn.Module):
         key_pos = torch.arange(keys.shape[1], device=x.device)   # max_kv_len, capped by the cache size
         mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)                 # [R, Qmax, L] causal
         out = backend.attention(query.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                                values.transpose(1, 2).to(q.dtype), mask.unsqueeze(1), self.head_dim ** -0.5)
+                                values.transpose(1, 2).to(q.dtype), mask.unsqueeze(1), self.head_dim ** -0.5,
+                                kv_lens=batch.kv_lens)
         out = out.transpose(1, 2)[batch.token_rows, batch.token_offsets]         # [N, H, D]
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
