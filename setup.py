@@ -24,7 +24,9 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"dspark.conformance": ["tolerances.yaml"]},
+    package_data={"dspark.conformance": ["tolerances.yaml"],
+                  # the built-in reference models (tools/build_reference.py), under 60 MB
+                  "dspark": ["reference_models/BUILD.json", "reference_models/*/*"]},
     install_requires=[
         "torch>=2.4,<3",
         "transformers>=4.51",

@@ -7,6 +7,7 @@ Layers (each imports only those below it):
     dspark.cost_model, dspark.scheduler, dspark.calibration
                       cost tables per device, the prefix-scheduler state, confidence calibration
     dspark.engine     the draft -> schedule -> verify round loop with continuous batching
+    dspark.bench      the evaluation / benchmark harness (dspark.reference: the built-in models)
     dspark (this)     the public API; dspark.cli on top
 
 Quick use:
@@ -19,6 +20,7 @@ from .errors import CheckpointError, DraftMismatchError, DSparkError, NumericalE
 from .models import init_draft
 from .cost_model import CostModel, analytic_cost_model, device_spec
 from .params import EngineConfig, GenerationOutput, SamplingParams, StreamEvent
+from .reference import reference_model_dir
 from .scheduler import schedule_prefix
 
 __version__ = "0.1.0"
@@ -26,4 +28,4 @@ __version__ = "0.1.0"
 __all__ = ["Backend", "BackendUnavailableError", "CheckpointError", "CostModel", "DSparkError", "DraftMismatchError",
            "Engine", "analytic_cost_model", "device_spec", "schedule_prefix",
            "EngineConfig", "GenerationOutput", "NumericalError", "SamplingParams", "StreamEvent",
-           "available_backends", "get_backend", "init_draft", "__version__"]
+           "available_backends", "get_backend", "init_draft", "reference_model_dir", "__version__"]

@@ -1,5 +1,5 @@
-"""The `dspark` command line: generate, init-draft, info (+ calibrate, sts, simulate from
-cli_scheduling; regenerate, train from cli_training).
+"""The `dspark` command line: generate, init-draft, info (+ demo, bench from cli_bench; calibrate,
+sts, simulate, conformance from cli_scheduling; regenerate, train from cli_training).
 
 Each subcommand is a thin layer over the public API (`dspark.Engine`,
 `dspark.init_draft`, `dspark.backends`); option defaults come from the same
@@ -30,6 +30,7 @@ from .models import DRAFT_ALGORITHMS, init_draft
 from .models.heads import MARKOV_HEADS
 from .ops import SCHEDULE_MODES
 from .params import DTYPES, EngineConfig, SamplingParams
+from .training.data import prompt_ids
 
 # Exceptions that mean "the user asked for something that cannot work": reported in one line, exit 2.
 USER_ERRORS = (DSparkError, BackendUnavailableError, ValueError, FileNotFoundError, TypeError)
@@ -130,10 +131,7 @@ def _apply_chat(tokenizer, prompts: list) -> list:
     wrapped = []
     for kind, value in prompts:
         if kind == "text":
-            text = tokenizer.apply_chat_template([{"role": "user", "content": value}],
-                                                 add_generation_prompt=True, tokenize=False)
-            # The template already holds any special tokens; don't let encode() add a second BOS.
-            wrapped.append(("ids", list(tokenizer.encode(text, add_special_tokens=False))))
+            wrapped.append(("ids", prompt_ids({"prompt": value}, tokenizer)))
         else:
             wrapped.append((kind, value))
     return wrapped
@@ -408,9 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON document")
     info.set_defaults(run=_cmd_info)
 
+    from .cli_bench import add_commands as add_bench_commands
     from .cli_scheduling import add_commands as add_scheduling_commands
     from .cli_training import add_commands as add_training_commands
 
+    add_bench_commands(commands, formatter, _para)
     add_scheduling_commands(commands, formatter, _para)
     add_training_commands(commands, formatter, _para)
     return parser
@@ -422,6 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:        # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)    # for reports that record their command
     try:
         return args.run(args)
     except USER_ERRORS as exc:

@@ -41,9 +41,12 @@ def sample_draft_block(
     prev_ids [R, gamma]) where prev_ids[:, k] = x_{k-1} (the anchor for k = 0)."""
     num_rows, gamma, _ = base_logits.shape
     assert anchor_ids.shape == (num_rows,) and uniforms.shape == (num_rows, gamma)
+    # Greedy rows get one-hot distributions, which inverse-CDF sampling maps to their argmax for
+    # any uniform: with every row greedy, take the argmax directly (the same tokens, less work).
+    sample = (lambda probs, _: probs.argmax(dim=-1)) if hints.get("all_greedy") else sample_from_probs
     if transition is None:
         probs = sampling_probs(base_logits, temperature, top_k, top_p, **hints)
-        tokens = sample_from_probs(probs, uniforms)
+        tokens = sample(probs, uniforms)
         prev_ids = torch.cat([anchor_ids.unsqueeze(1), tokens[:, :-1]], dim=1)
         return tokens, probs, prev_ids
 
@@ -52,7 +55,7 @@ def sample_draft_block(
     for k in range(gamma):
         bias, state = transition(k, prev, state)
         step_probs = sampling_probs(base_logits[:, k] + bias.to(base_logits.dtype), temperature, top_k, top_p, **hints)
-        token = sample_from_probs(step_probs, uniforms[:, k])
+        token = sample(step_probs, uniforms[:, k])
         prevs.append(prev)
         tokens.append(token)
         probs.append(step_probs)

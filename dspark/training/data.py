@@ -51,9 +51,10 @@ def prompt_ids(record: dict, tokenizer) -> list:
     if tokenizer is None:
         raise ValueError("text prompts need a tokenizer in the target directory; use {\"prompt_ids\": [...]}")
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}],
+                                             add_generation_prompt=True, tokenize=False)
+        # The template already holds any special tokens; don't let encode() add a second BOS.
+        return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(record["prompt"]))
 
 

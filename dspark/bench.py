@@ -1,0 +1,390 @@
+"""The evaluation and benchmark harness behind `dspark bench`.
+
+Three measurements on JSONL prompt sets ({"turns": [...]}, the first turn is the prompt):
+
+  acceptance   tau (tokens per round) per dataset and draft algorithm at T = 0 and T = 1 with the
+               whole block verified, per-position conditional acceptance, and the DSpark confidence
+               head's calibration (ECE / AUROC / Brier) before and after its stored STS temperatures;
+  speed        wall-clock tokens/s at batch 1: transformers generate(), dspark without a draft,
+               transformers assisted generation with a standalone draft, dspark with each draft and
+               each scheduler mode; configurations are timed round-robin and the median is kept;
+  concurrency  tokens/s for 1..64 requests decoded together: no speculation, fixed verify lengths,
+               and the load-aware modes.
+
+Lossless check: every greedy speculative output is compared token by token with dspark's plain
+decoding of the same prompt. A mismatch fails the run (LosslessError) unless the target's two best
+logits at the first differing position are within `TIE_TOLERANCE` (a floating-point near-tie,
+which batching may legitimately break either way); such positions are counted and reported.
+
+Uses only the public engine API and transformers; imported by dspark.cli_bench.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .backends import get_backend
+from .calibration import calibration_report, survival_labels
+from .engine import Engine
+from .errors import DSparkError
+from .models import load_draft, load_target
+from .params import EngineConfig, SamplingParams
+from .training.data import prompt_ids, read_prompts
+
+DATASETS = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
+ALGORITHMS = ("dspark", "dflash", "eagle3")
+LABELS = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "EAGLE-3"}
+SCHEDULER_MODES = ("threshold", "causal", "budget")
+TIE_TOLERANCE = 1e-3
+
+
+class LosslessError(DSparkError):
+    """A speculative greedy output differed from plain decoding (outside a floating-point near-tie)."""
+
+
+@dataclass
+class BenchSettings:
+    prompts_per_dataset: int       # acceptance prompts per dataset
+    max_new_tokens: int
+    speed_prompts: int             # batch-1 speed prompts per dataset
+    speed_max_new_tokens: int
+    concurrency: list
+    fixed_lengths: list
+    repeats: int                   # round-robin repeats of every timed configuration
+    block_size: int = 7
+    temperatures: list = field(default_factory=lambda: [0.0, 1.0])
+
+
+QUICK = BenchSettings(prompts_per_dataset=3, max_new_tokens=48, speed_prompts=1, speed_max_new_tokens=48,
+                      concurrency=[1, 8, 32], fixed_lengths=[3, 7], repeats=1)
+FULL = BenchSettings(prompts_per_dataset=24, max_new_tokens=128, speed_prompts=2, speed_max_new_tokens=128,
+                     concurrency=[1, 2, 4, 8, 16, 32, 64], fixed_lengths=[1, 3, 5, 7], repeats=3)
+
+
+# ------------------------------------------------------------------------------------ inputs
+def find_eval_dir() -> Optional[Path]:
+    """$DSPARK_EVAL_DATA, else ../shared/data/eval or shared/data/eval from the working directory or
+    from a source checkout of dspark."""
+    if os.environ.get("DSPARK_EVAL_DATA"):
+        return Path(os.environ["DSPARK_EVAL_DATA"])
+    source_root = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), source_root):
+        for candidate in (base.parent / "shared" / "data" / "eval", base / "shared" / "data" / "eval"):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def load_prompt_sets(data_dir=None, files=(), limit: Optional[int] = None) -> dict:
+    """{dataset name: [prompt text, ...]} from the known files of a folder and any extra JSONL files."""
+    sets = {}
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"evaluation data folder {str(data_dir)!r} does not exist")
+        for name in DATASETS:
+            path = data_dir / f"{name}.jsonl"
+            if path.is_file():
+                sets[name] = [p["prompt"] for p in read_prompts(path, limit)]
+    for path in files:
+        sets[Path(path).stem] = [p["prompt"] for p in read_prompts(path, limit)]
+    if not sets:
+        raise FileNotFoundError("no evaluation prompts found: pass --data DIR (a folder with gsm8k.jsonl, "
+                                "mt-bench.jsonl, ... like ../shared/data/eval) or --prompts FILE.jsonl, "
+                                "or set DSPARK_EVAL_DATA")
+    return sets
+
+
+@dataclass
+class Models:
+    """The target, its tokenizer and drafts, loaded once and shared by every engine of a run."""
+    target_dir: Path
+    target: torch.nn.Module
+    tokenizer: object
+    drafts: dict
+    backend: object
+    assistant_dir: Optional[Path] = None
+
+    @classmethod
+    def load(cls, target_dir, drafts: dict, assistant_dir=None, backend=None) -> "Models":
+        backend = get_backend(backend)
+        target, tokenizer = load_target(target_dir, backend.device, torch.float32)
+        if tokenizer is None:
+            raise ValueError(f"the benchmark needs a tokenizer in the target directory {target_dir}")
+        loaded = {}
+        for name, path in drafts.items():
+            draft = load_draft(path, target.config, target)
+            loaded[name] = draft.to(device=backend.device, dtype=torch.float32).eval()
+        return cls(Path(target_dir), target, tokenizer, loaded, backend,
+                   Path(assistant_dir) if assistant_dir else None)
+
+    def engine(self, draft: Optional[str] = None, **config) -> Engine:
+        return Engine(self.target, self.tokenizer, self.drafts[draft] if draft else None, self.backend,
+                      EngineConfig.from_kwargs(dtype="float32", **config))
+
+    def encode(self, text: str) -> list:
+        return prompt_ids({"prompt": text}, self.tokenizer)
+
+
+def _greedy(max_new_tokens: int, count: int) -> list:
+    return [SamplingParams(max_new_tokens=max_new_tokens) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------ lossless
+def _top2_gap(target_dir: Path, ids: list, cache: dict) -> float:
+    """The target's top-1 minus top-2 logit after `ids`, from an independent implementation
+    (transformers, float32), so a near-tie is judged without the engine under test."""
+    if "hf" not in cache:
+        from transformers import AutoModelForCausalLM
+
+        cache["hf"] = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = cache["hf"](torch.tensor([ids])).logits[0, -1]
+    top = torch.topk(logits.double(), 2).values
+    return float(top[0] - top[1])
+
+
+class LosslessLedger:
+    """Compares speculative greedy outputs with plain decoding; keeps count for the report."""
+
+    def __init__(self, models: Models):
+        self.models, self.compared, self.near_ties, self.failures, self._cache = models, 0, [], [], {}
+
+    def check(self, label: str, prompts: list, reference: list, outputs: list) -> None:
+        for prompt, ref, out in zip(prompts, reference, outputs):
+            self.compared += 1
+            if ref == out:
+                continue
+            common = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref), len(out)))
+            gap = _top2_gap(self.models.target_dir, prompt + ref[:common], self._cache)
+            entry = {"run": label, "position": common, "top2_gap": gap}
+            (self.near_ties if gap < TIE_TOLERANCE else self.failures).append(entry)
+        if self.failures:
+            worst = self.failures[0]
+            raise LosslessError(f"{worst['run']}: speculative greedy output differs from plain decoding at token "
+                                f"{worst['position']} (target top-2 logit gap {worst['top2_gap']:.3g}, not a near-tie)")
+
+    def summary(self) -> dict:
+        return {"outputs_compared": self.compared, "near_ties": self.near_ties, "mismatches": len(self.failures)}
+
+
+# ------------------------------------------------------------------------------------ acceptance
+def _acceptance_stats(engine: Engine, gamma: int, with_confidence: bool) -> dict:
+    rounds = [r for r in engine.round_log if r.get("drafted")]
+    if not rounds:
+        return {"tau": 1.0, "rounds": 0, "position_acceptance": []}
+    accepted = torch.cat([r["accepted"] for r in rounds]).long()
+    lens = torch.cat([r["verify_lens"] for r in rounds]).long()
+    tau = float((accepted + 1).double().mean())
+    conditional = []
+    for k in range(1, gamma + 1):
+        reached = (accepted >= k - 1) & (lens >= k)
+        conditional.append(float((accepted[reached] >= k).double().mean()) if reached.any() else float("nan"))
+    stats = {"tau": tau, "rounds": int(accepted.numel()), "position_acceptance": conditional}
+    if with_confidence and all("confidence_logits" in r for r in rounds):
+        logits = torch.cat([r["confidence_logits"] for r in rounds]).float()
+        labels, known = survival_labels(lens, accepted, gamma)
+        temperatures = engine.draft.config.confidence_temperatures
+        stats["calibration"] = {"before": _mean_report(calibration_report(logits, labels, known)),
+                                "after": _mean_report(calibration_report(logits, labels, known, temperatures))}
+    return stats
+
+
+def _mean_report(per_position: list) -> dict:
+    """Count-weighted means over positions of ECE and Brier; AUROC averaged over positions with both classes."""
+    total = sum(p["count"] for p in per_position) or 1
+    aurocs = [p["auroc"] for p in per_position if p["auroc"] == p["auroc"]]
+    return {"ece": sum(p["ece"] * p["count"] for p in per_position if p["count"]) / total,
+            "brier": sum(p["brier"] * p["count"] for p in per_position if p["count"]) / total,
+            "auroc": sum(aurocs) / len(aurocs) if aurocs else float("nan")}
+
+
+def run_acceptance(models: Models, sets: dict, settings: BenchSettings, ledger: LosslessLedger,
+                   progress: Callable = print) -> dict:
+    """tau per dataset x algorithm x temperature with the whole block verified."""
+    results = {}
+    for dataset, texts in sets.items():
+        prompts = [models.encode(t) for t in texts]
+        longest = max(len(p) for p in prompts) + settings.max_new_tokens + settings.block_size + 2
+        common = dict(max_batch_size=len(prompts), max_model_len=longest)
+        plain = models.engine(**common).generate(prompts, _greedy(settings.max_new_tokens, len(prompts)))
+        reference = [o.token_ids for o in plain]
+        for algorithm in models.drafts:
+            engine = models.engine(algorithm, schedule="fixed", **common)
+            for temperature in settings.temperatures:
+                params = [SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature, seed=i)
+                          for i in range(len(prompts))]
+                outputs = engine.generate(prompts, params)
+                if temperature == 0.0:
+                    ledger.check(f"acceptance/{dataset}/{algorithm}", prompts, reference,
+                                 [o.token_ids for o in outputs])
+                stats = _acceptance_stats(engine, engine.gamma, algorithm == "dspark")
+                results.setdefault(dataset, {}).setdefault(algorithm, {})[f"T={temperature:g}"] = stats
+                progress(f"  {dataset:10s} {LABELS.get(algorithm, algorithm):8s} T={temperature:g}: "
+                         f"tau {stats['tau']:.2f} over {stats['rounds']} request-rounds")
+    return results
+
+
+def macro_tau(acceptance: dict, algorithm: str, temperature: str) -> float:
+    values = [per[algorithm][temperature]["tau"] for per in acceptance.values() if algorithm in per]
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------ speed at batch 1
+class _Runner:
+    """Generates one prompt at batch 1; keeps tau's numerator and denominator for the engine runs."""
+
+    def __init__(self, generate, kind: str):
+        self.generate, self.kind = generate, kind
+        self.rounds = self.round_tokens = 0
+
+    def __call__(self, prompt: list, max_new_tokens: int) -> list:
+        return self.generate(self, prompt, max_new_tokens)
+
+    @property
+    def tau(self) -> Optional[float]:
+        return self.round_tokens / self.rounds if self.rounds else None
+
+
+def _hf_runner(models: Models, assistant: bool) -> _Runner:
+    from transformers import AutoModelForCausalLM
+
+    device = models.backend.device
+    target = AutoModelForCausalLM.from_pretrained(models.target_dir, dtype=torch.float32).to(device).eval()
+    helper = None
+    if assistant:
+        helper = AutoModelForCausalLM.from_pretrained(models.assistant_dir, dtype=torch.float32).to(device).eval()
+    eos, pad = models.tokenizer.eos_token_id, models.tokenizer.pad_token_id
+
+    def generate(runner, prompt: list, max_new_tokens: int) -> list:
+        ids = torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=pad, assistant_model=helper)
+        return out[0, len(prompt):].tolist()
+    return _Runner(generate, "transformers")
+
+
+def _engine_runner(engine: Engine, kind: str) -> _Runner:
+    def generate(runner, prompt: list, max_new_tokens: int) -> list:
+        output = engine.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens))[0]
+        if engine.draft is not None and output.stats.get("tau") is not None:
+            runner.rounds += output.stats["rounds"]
+            runner.round_tokens += output.stats["tau"] * output.stats["rounds"]
+        return output.token_ids
+    return _Runner(generate, kind)
+
+
+def run_speed(models: Models, sets: dict, settings: BenchSettings, ledger: LosslessLedger,
+              progress: Callable = print) -> list:
+    prompts = [models.encode(t) for texts in sets.values() for t in texts[:settings.speed_prompts]]
+    n = settings.speed_max_new_tokens
+    config = dict(max_batch_size=1, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
+    runners = {"transformers generate()": _hf_runner(models, assistant=False),
+               "dspark, no draft": _engine_runner(models.engine(**config), "plain")}
+    if models.assistant_dir is not None:
+        runners["transformers assisted generation"] = _hf_runner(models, assistant=True)
+    for algorithm in models.drafts:
+        runners[f"dspark + {LABELS.get(algorithm, algorithm)}, fixed {settings.block_size}"] = _engine_runner(
+            models.engine(algorithm, schedule="fixed", **config), "speculative")
+    if "dspark" in models.drafts:
+        for mode in SCHEDULER_MODES:
+            runners[f"dspark + DSpark, {mode}"] = _engine_runner(models.engine("dspark", schedule=mode, **config),
+                                                                 "speculative")
+    for run in runners.values():                         # warm-up (allocations, first-call costs)
+        run(prompts[0], 4)
+    seconds = {label: [] for label in runners}
+    outputs = {}
+    for repeat in range(settings.repeats):
+        for label, run in runners.items():
+            run.rounds = run.round_tokens = 0
+            started = time.perf_counter()
+            outputs[label] = [run(p, n) for p in prompts]
+            seconds[label].append(time.perf_counter() - started)
+        progress(f"  speed: round-robin {repeat + 1}/{settings.repeats} done")
+    reference = outputs["dspark, no draft"]
+    rows = []
+    for label, run in runners.items():
+        tokens = sum(len(o) for o in outputs[label])
+        median = statistics.median(seconds[label])
+        identical = sum(a == b for a, b in zip(outputs[label], reference))
+        if run.kind == "speculative":
+            ledger.check(f"speed/{label}", prompts, reference, outputs[label])
+        rows.append({"method": label, "tokens": tokens, "seconds": median, "all_seconds": seconds[label],
+                     "tokens_per_s": tokens / median, "tau": run.tau,
+                     "identical_to_plain": f"{identical}/{len(prompts)}"})
+    base = {r["method"]: r["tokens_per_s"] for r in rows}
+    for r in rows:
+        r["vs_transformers"] = r["tokens_per_s"] / base["transformers generate()"]
+        r["vs_plain"] = r["tokens_per_s"] / base["dspark, no draft"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------ concurrency
+def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger: LosslessLedger,
+                    progress: Callable = print) -> list:
+    pool = [models.encode(t) for group in zip(*sets.values()) for t in group]   # datasets interleaved
+    n = settings.max_new_tokens
+    modes = [("no speculation", None, {})] + \
+        [(f"fixed {k}", "dspark", {"schedule": "fixed", "verify_len": k}) for k in settings.fixed_lengths] + \
+        [(mode, "dspark", {"schedule": mode}) for mode in SCHEDULER_MODES]
+    rows = []
+    for concurrency in settings.concurrency:
+        prompts = [pool[i % len(pool)] for i in range(concurrency)]
+        config = dict(max_batch_size=concurrency, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
+        engines = {label: models.engine(draft, **config, **options) for label, draft, options in modes}
+        seconds, outputs = {label: [] for label in engines}, {}
+        for _ in range(settings.repeats):
+            for label, engine in engines.items():
+                started = time.perf_counter()
+                outputs[label] = [o.token_ids for o in engine.generate(prompts, _greedy(n, concurrency))]
+                seconds[label].append(time.perf_counter() - started)
+        row = {"concurrency": concurrency}
+        for label in engines:
+            if label != "no speculation":
+                ledger.check(f"concurrency/{concurrency}/{label}", prompts, outputs["no speculation"], outputs[label])
+            row[label] = sum(len(o) for o in outputs[label]) / statistics.median(seconds[label])
+        rows.append(row)
+        best = max((k for k in row if k != "concurrency"), key=row.get)
+        progress(f"  concurrency {concurrency:3d}: best {best} at {row[best]:.0f} tokens/s")
+    return rows
+
+
+# ------------------------------------------------------------------------------------ the run
+def machine_description() -> str:
+    cores = os.cpu_count()
+    return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()} (torch {torch.__version__})"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_benchmark(models: Models, sets: dict, settings: BenchSettings, sections=("acceptance", "speed", "concurrency"),
+                  progress: Callable = print) -> dict:
+    ledger = LosslessLedger(models)
+    results = {"settings": asdict(settings), "datasets": {k: len(v) for k, v in sets.items()},
+               "machine": machine_description(), "backend": models.backend.name,
+               "date": time.strftime("%Y-%m-%d"), "commit": _git_commit()}
+    timings = {}
+    for section, runner in (("acceptance", run_acceptance), ("speed", run_speed), ("concurrency", run_concurrency)):
+        if section not in sections:
+            continue
+        progress(f"[{section}]")
+        started = time.perf_counter()
+        results[section] = runner(models, sets, settings, ledger, progress)
+        timings[section] = round(time.perf_counter() - started, 1)
+    results["seconds"] = timings
+    results["lossless"] = ledger.summary()
+    return results

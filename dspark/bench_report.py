@@ -1,0 +1,201 @@
+"""Markdown tables and PNG plots for `dspark bench` results (the dict from dspark.bench.run_benchmark).
+
+`splice_markdown` replaces the marked section of a document (docs/BENCHMARKS.md) and leaves the
+rest alone. Plots need matplotlib (`pip install 'dspark[plot]'`); without it they are skipped.
+"""
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+from .bench import ALGORITHMS, LABELS, macro_tau
+
+BEGIN, END = "<!-- dspark bench: begin -->", "<!-- dspark bench: end -->"
+# Goals from the paper's Qwen3 results (issue: reference models and benchmark harness).
+TAU_GOALS = {"dflash": 0.15, "eagle3": 0.25}
+
+
+def _f(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def acceptance_tables(results: dict) -> list:
+    acceptance = results["acceptance"]
+    algorithms = [a for a in ALGORITHMS if any(a in per for per in acceptance.values())]
+    temps = results["settings"]["temperatures"]
+    columns = [(a, f"T={t:g}") for t in temps for a in algorithms]
+    lines = ["### Accepted length tau (tokens per round, whole block of "
+             f"{results['settings']['block_size']} verified)", "",
+             "| dataset | prompts | " + " | ".join(f"{LABELS[a]} {t}" for a, t in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for dataset, per in acceptance.items():
+        cells = [_f(per.get(a, {}).get(t, {}).get("tau")) for a, t in columns]
+        lines.append(f"| {dataset} | {results['datasets'][dataset]} | " + " | ".join(cells) + " |")
+    lines.append("| **macro average** | | " + " | ".join(f"**{_f(macro_tau(acceptance, a, t))}**"
+                                                        for a, t in columns) + " |")
+    if "dspark" in algorithms:
+        lines.append("")
+        for t in temps:
+            mine = macro_tau(acceptance, "dspark", f"T={t:g}")
+            for other, goal in TAU_GOALS.items():
+                if other in algorithms:
+                    theirs = macro_tau(acceptance, other, f"T={t:g}")
+                    gain = mine / theirs - 1
+                    lines.append(f"- T={t:g}: DSpark tau {_f(mine)} vs {LABELS[other]} {_f(theirs)}: "
+                                 f"{gain:+.1%} (goal at T=1: >= +{goal:.0%}: {_met(gain >= goal)})")
+    lines += ["", "### Per-position conditional acceptance (P(draft k accepted | drafts 1..k-1 accepted), "
+              "macro over datasets)", ""]
+    gamma = results["settings"]["block_size"]
+    lines += ["| draft | T | " + " | ".join(f"k={k}" for k in range(1, gamma + 1)) + " |",
+              "|---|---|" + "---:|" * gamma]
+    for a, t in columns:
+        rows = [per[a][t]["position_acceptance"] for per in acceptance.values() if a in per and
+                per[a][t]["position_acceptance"]]
+        means = [_mean([r[k] for r in rows]) for k in range(gamma)]
+        lines.append(f"| {LABELS[a]} | {t} | " + " | ".join(_f(m) for m in means) + " |")
+    calibrated = [(t, [per["dspark"][t].get("calibration") for per in acceptance.values() if "dspark" in per])
+                  for t in (f"T={x:g}" for x in temps)]
+    if any(all(c) and c for _, c in calibrated):
+        lines += ["", "### DSpark confidence head calibration (cumulative survival; count-weighted over positions, "
+                  "macro over datasets)", "",
+                  "| T | ECE before STS | ECE after | AUROC before | AUROC after | Brier before | Brier after |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for t, reports in calibrated:
+            if not reports or not all(reports):
+                continue
+            cell = lambda when, metric: _f(_mean([r[when][metric] for r in reports]), 3)  # noqa: E731
+            lines.append(f"| {t} | {cell('before', 'ece')} | {cell('after', 'ece')} | {cell('before', 'auroc')} | "
+                         f"{cell('after', 'auroc')} | {cell('before', 'brier')} | {cell('after', 'brier')} |")
+    return lines
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def speed_table(results: dict) -> list:
+    rows = results["speed"]
+    s = results["settings"]
+    lines = [f"### Batch 1, greedy, {s['speed_max_new_tokens']} new tokens per prompt, "
+             f"{s['speed_prompts']} prompt(s) per dataset; median of {s['repeats']} round-robin repeat(s)", "",
+             "| method | tokens/s | x transformers generate() | x dspark no draft | tau | output = plain decoding |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_transformers']:.2f} | {r['vs_plain']:.2f} "
+                     f"| {_f(r['tau'])} | {r['identical_to_plain']} |")
+    by = {r["method"]: r for r in rows}
+    dspark = next((r for r in rows if r["method"].startswith("dspark + DSpark")), None)
+    if dspark is not None:
+        best = max((r for r in rows if r["method"].startswith("dspark + DSpark")), key=lambda r: r["tokens_per_s"])
+        lines += ["", f"- best DSpark configuration: {best['method']}, {best['vs_plain']:.2f}x dspark's plain decoding "
+                      f"(goal >= 2x: {_met(best['vs_plain'] >= 2)})"]
+        assisted = by.get("transformers assisted generation")
+        if assisted is not None:
+            ratio = best["tokens_per_s"] / assisted["tokens_per_s"]
+            lines.append(f"- vs transformers assisted generation: {ratio:.2f}x (goal > 1x: {_met(ratio > 1)})")
+    return lines
+
+
+def concurrency_table(results: dict) -> list:
+    rows = results["concurrency"]
+    modes = [k for k in rows[0] if k != "concurrency"]
+    lines = [f"### Tokens/s vs concurrency (greedy, {results['settings']['max_new_tokens']} new tokens, "
+             "DSpark draft)", "",
+             "| requests | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
+    for row in rows:
+        best = max(modes, key=row.get)
+        lines.append(f"| {row['concurrency']} | " + " | ".join(
+            (f"**{row[m]:.0f}**" if m == best else f"{row[m]:.0f}") for m in modes) + " |")
+    return lines
+
+
+def to_markdown(results: dict, command: str, plots: Optional[dict] = None) -> str:
+    lossless = results["lossless"]
+    lines = [BEGIN, f"## `dspark bench` on the reference models", "",
+             f"- command: `{command}`",
+             f"- machine: {results['machine']}, backend `{results['backend']}`",
+             f"- date: {results['date']}, commit {results.get('commit') or 'unknown'}",
+             f"- section times (s): " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
+             f"- lossless check: {lossless['outputs_compared']} greedy speculative outputs compared token by token "
+             f"with plain decoding: {lossless['mismatches']} mismatches, {len(lossless['near_ties'])} "
+             f"floating-point near-ties", ""]
+    for section, builder in (("acceptance", acceptance_tables), ("speed", speed_table),
+                             ("concurrency", concurrency_table)):
+        if section in results:
+            lines += builder(results) + [""]
+            if plots and section in plots:
+                lines += [f"![{section}]({plots[section]})", ""]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def splice_markdown(document: Path, section: str) -> None:
+    """Replace the marked bench section of `document` (append it when absent)."""
+    text = document.read_text() if document.is_file() else ""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
+    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
+        text.rstrip("\n") + ("\n\n" if text else "") + section
+    document.write_text(text)
+
+
+def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
+    """PNG plots beside the Markdown; returns {section: file name}. Empty without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if "acceptance" in results:
+        acceptance = results["acceptance"]
+        datasets = list(acceptance)
+        algorithms = [a for a in ALGORITHMS if any(a in per for per in acceptance.values())]
+        fig, axes = plt.subplots(1, len(results["settings"]["temperatures"]), figsize=(11, 3.8), sharey=True)
+        for ax, t in zip(list(getattr(axes, "flat", [axes])), results["settings"]["temperatures"]):
+            width = 0.8 / len(algorithms)
+            for i, a in enumerate(algorithms):
+                values = [acceptance[d].get(a, {}).get(f"T={t:g}", {}).get("tau", 0) for d in datasets]
+                ax.bar([x + i * width for x in range(len(datasets))], values, width, label=LABELS[a])
+            ax.set_xticks([x + width * (len(algorithms) - 1) / 2 for x in range(len(datasets))], datasets)
+            ax.set_title(f"T = {t:g}")
+            ax.set_ylabel("tau (tokens per round)")
+        axes_list = list(getattr(axes, "flat", [axes]))
+        axes_list[0].legend()
+        fig.tight_layout()
+        files["acceptance"] = f"{prefix}_acceptance.png"
+        fig.savefig(out_dir / files["acceptance"], dpi=110)
+        plt.close(fig)
+    if "speed" in results:
+        rows = results["speed"]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+        ax.barh([r["method"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1], color="tab:blue")
+        ax.set_xlabel("tokens/s at batch 1")
+        fig.tight_layout()
+        files["speed"] = f"{prefix}_speed.png"
+        fig.savefig(out_dir / files["speed"], dpi=110)
+        plt.close(fig)
+    if "concurrency" in results:
+        rows = results["concurrency"]
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for mode in [k for k in rows[0] if k != "concurrency"]:
+            ax.plot([r["concurrency"] for r in rows], [r[mode] for r in rows], marker="o", label=mode,
+                    linestyle="-" if mode in ("budget", "causal", "threshold", "no speculation") else ":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files["concurrency"] = f"{prefix}_concurrency.png"
+        fig.savefig(out_dir / files["concurrency"], dpi=110)
+        plt.close(fig)
+    return files

@@ -1,0 +1,189 @@
+"""CLI commands `demo` (the built-in reference pair, streamed, with a speed and identity check) and
+`bench` (the evaluation and benchmark harness in dspark.bench). Registered by
+`dspark.cli.build_parser`; same error and output conventions."""
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .backends import BACKENDS, ENV_VAR
+
+DEMO_PROMPTS = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Write a python function `is_palindrome` to return True if a string reads the same backwards.",
+    "A baker makes 12 loaves an hour for 5 hours and sells 3 loaves for $2. How much money does he make?",
+)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- demo
+def _cmd_demo(args) -> int:
+    from .engine import Engine
+    from .params import SamplingParams
+    from .reference import reference_model_dir
+    from .training.data import prompt_ids
+
+    target_dir, draft_dir = reference_model_dir("target"), reference_model_dir(args.draft)
+    started = time.perf_counter()
+    _progress(f"loading the built-in reference target ({target_dir.name}, Qwen3 architecture) and its "
+              f"{args.draft} draft ...")
+    spec = Engine.from_pretrained(target_dir, draft=draft_dir, backend=args.backend, max_batch_size=1,
+                                  dtype="float32", schedule=args.schedule)
+    plain = Engine(spec.target, spec.tokenizer, None, spec.backend, spec.config)
+    prompts = [prompt_ids({"prompt": p}, spec.tokenizer) for p in DEMO_PROMPTS]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    for engine in (spec, plain):                 # warm-up: first-call allocations are not decoding speed
+        engine.generate([prompts[0]], SamplingParams(max_new_tokens=8))
+    _progress(f"ready in {time.perf_counter() - started:.1f} s on backend {spec.backend.name}\n")
+
+    bold = (lambda text: f"\033[1m{text}\033[0m") if sys.stdout.isatty() else (lambda text: text)
+    spec_ids, spec_seconds, rounds, round_tokens = [], 0.0, 0, 0.0
+    for text, prompt in zip(DEMO_PROMPTS, prompts):
+        if not args.json:
+            print(f"{bold('user:')} {text}\n{bold(f'assistant ({args.draft}):')} ", end="", flush=True)
+        tick = time.perf_counter()
+        ids = []
+        for event in spec.stream([prompt], params):
+            ids += event.token_ids
+            if not args.json and event.text:
+                print(event.text, end="", flush=True)
+        spec_seconds += time.perf_counter() - tick
+        spec_ids.append(ids)
+        record = spec.round_log
+        rounds += sum(1 for r in record if r.get("drafted"))
+        round_tokens += sum(float(r["accepted"].sum()) + 1 for r in record if r.get("drafted"))
+        if not args.json:
+            print("\n")
+
+    tick = time.perf_counter()
+    plain_ids = [plain.generate([p], params)[0].token_ids for p in prompts]
+    plain_seconds = time.perf_counter() - tick
+    tokens = sum(len(ids) for ids in spec_ids)
+    identical = spec_ids == plain_ids
+    summary = {"backend": spec.backend.name, "draft": args.draft, "schedule": args.schedule, "tokens": tokens,
+               "plain_tokens_per_s": sum(len(i) for i in plain_ids) / plain_seconds,
+               "dspark_tokens_per_s": tokens / spec_seconds, "speedup": plain_seconds / spec_seconds,
+               "tau": round_tokens / rounds if rounds else None, "identical": identical}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"plain decoding  : {summary['plain_tokens_per_s']:7.1f} tokens/s")
+        print(f"DSpark          : {summary['dspark_tokens_per_s']:7.1f} tokens/s   x{summary['speedup']:.2f}, "
+              f"tau = {summary['tau']:.2f} tokens per round (block of {spec.gamma}, schedule {args.schedule})")
+        print(f"outputs identical to plain decoding, token by token: {'yes' if identical else 'NO'}")
+    return 0 if identical else 1
+
+
+# ----------------------------------------------------------------------------- bench
+def _int_list(text: str) -> list:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 1,8,32, got {text!r}") from None
+
+
+def _cmd_bench(args) -> int:
+    from dataclasses import replace
+
+    from . import bench
+    from .bench_report import plot, splice_markdown, to_markdown
+    from .reference import reference_model_dir
+
+    settings = replace(bench.QUICK if args.quick else bench.FULL)
+    for name in ("prompts_per_dataset", "max_new_tokens", "repeats", "speed_prompts"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.max_new_tokens is not None:
+        settings.speed_max_new_tokens = args.max_new_tokens
+    if args.concurrency:
+        settings.concurrency = _int_list(args.concurrency)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"acceptance", "speed", "concurrency"}
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; valid: acceptance, speed, concurrency")
+
+    data_dir = args.data or (None if args.prompts else bench.find_eval_dir())
+    sets = bench.load_prompt_sets(data_dir, args.prompts or (), limit=settings.prompts_per_dataset)
+    target = args.target or reference_model_dir("target")
+    drafts = dict(d.split("=", 1) for d in args.draft) if args.draft else \
+        {name: reference_model_dir(name) for name in bench.ALGORITHMS}
+    assistant = None if args.assistant == "none" else (args.assistant or (None if args.target else
+                                                                          reference_model_dir("assistant")))
+    _progress(f"dspark bench ({'quick' if args.quick else 'full'}): {len(sets)} prompt sets "
+              f"({', '.join(f'{k} {len(v)}' for k, v in sets.items())}), drafts {', '.join(drafts)}")
+    models = bench.Models.load(target, drafts, assistant, backend=args.backend)
+    started = time.perf_counter()
+    results = bench.run_benchmark(models, sets, settings, sections, progress=_progress)
+    command = "dspark " + " ".join(shlex.quote(a) for a in args.argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    doc = Path(args.update_doc) if args.update_doc else None
+    plots = plot(results, doc.parent if doc else out, prefix="bench" if doc else "plot")
+    markdown = to_markdown(results, command, plots)
+    (out / "results.md").write_text(markdown)
+    if doc is not None:
+        splice_markdown(doc, markdown)
+        _progress(f"updated {doc}" + (f" and {', '.join(plots.values())} beside it" if plots else ""))
+    _progress(f"finished in {time.perf_counter() - started:.0f} s; results in {out}/results.md and results.json")
+    print(markdown)
+    return 0
+
+
+def add_commands(commands, formatter, para) -> None:
+    demo = commands.add_parser(
+        "demo", formatter_class=formatter, help="stream the built-in reference models and show the speed-up",
+        description=para("Generate answers to a few built-in prompts with the reference target and its DSpark draft "
+                         "(shipped with the package; nothing is downloaded), streaming the text, then decode the same "
+                         "prompts with the target alone and print tokens/s of both, tau, and whether the outputs are "
+                         "identical token by token (exit status 1 if not)."),
+        epilog="examples:\n  dspark demo\n  dspark demo --draft dflash --max-new-tokens 64\n  dspark demo --json")
+    demo.add_argument("--draft", choices=["dspark", "dflash", "eagle3"], default="dspark",
+                      help="which reference draft (default: %(default)s)")
+    demo.add_argument("--schedule", choices=["fixed", "threshold", "causal", "budget"], default="fixed",
+                      help="verify-length scheduler (default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="per prompt (default: %(default)s)")
+    demo.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
+    demo.add_argument("--json", action="store_true", help="print only a JSON summary")
+    demo.set_defaults(run=_cmd_demo)
+
+    bench = commands.add_parser(
+        "bench", formatter_class=formatter, help="acceptance, speed and concurrency benchmarks with lossless checks",
+        description=para("Measure tau per dataset for every draft at T=0 and T=1 (block 7, per-position acceptance, "
+                         "confidence calibration before/after STS), tokens/s at batch 1 against transformers "
+                         "generate() and assisted generation, and tokens/s vs concurrency for each scheduler mode. "
+                         "Every greedy speculative output is compared with plain decoding; a mismatch fails the run. "
+                         "Defaults to the built-in reference models and the prompt sets in ../shared/data/eval "
+                         "($DSPARK_EVAL_DATA)."),
+        epilog="examples:\n  dspark bench --quick\n"
+               "  dspark bench --update-doc docs/BENCHMARKS.md\n"
+               "  dspark bench --target ./Qwen3-8B --draft dspark=./draft --assistant none --prompts my.jsonl")
+    bench.add_argument("--quick", action="store_true", help="a CI-sized run (a few prompts, short outputs; ~1-2 min "
+                                                            "on 2 CPU cores)")
+    bench.add_argument("--data", metavar="DIR", help="folder of prompt sets (gsm8k.jsonl, mt-bench.jsonl, ...)")
+    bench.add_argument("--prompts", action="append", metavar="FILE.jsonl",
+                       help='extra prompt set ({"turns": [...]} per line); repeatable')
+    bench.add_argument("--sections", default="acceptance,speed,concurrency",
+                       help="comma-separated subset of acceptance,speed,concurrency (default: all)")
+    bench.add_argument("--target", metavar="DIR", help="target directory (default: the reference target)")
+    bench.add_argument("--draft", action="append", metavar="ALGO=DIR",
+                       help="a draft to evaluate, e.g. dspark=./draft; repeatable (default: the reference drafts)")
+    bench.add_argument("--assistant", metavar="DIR",
+                       help="standalone draft LM for transformers assisted generation, or 'none' "
+                            "(default: the reference assistant with the reference target)")
+    bench.add_argument("--prompts-per-dataset", type=int, metavar="N")
+    bench.add_argument("--speed-prompts", type=int, metavar="N", help="batch-1 speed prompts per dataset")
+    bench.add_argument("--max-new-tokens", type=int, metavar="N")
+    bench.add_argument("--concurrency", metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
+    bench.add_argument("--repeats", type=int, metavar="N", help="round-robin repeats of each timed configuration")
+    bench.add_argument("--out", default="bench-results", metavar="DIR",
+                       help="where results.json / results.md (and plots) go (default: %(default)s)")
+    bench.add_argument("--update-doc", metavar="FILE.md",
+                       help="replace the marked bench section of this Markdown file (plots written beside it)")
+    bench.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
+    bench.set_defaults(run=_cmd_bench)
