@@ -8,8 +8,9 @@ Three measurements on JSONL prompt sets ({"turns": [...]}, the first turn is the
   speed        wall-clock tokens/s at batch 1: transformers generate(), dspark without a draft,
                transformers assisted generation with a standalone draft, dspark with each draft and
                each scheduler mode; configurations are timed round-robin and the median is kept;
-  concurrency  tokens/s for 1..64 requests decoded together: no speculation, fixed verify lengths,
-               and the load-aware modes.
+  concurrency  tokens/s for 1..64 requests decoded together, each generating exactly max_new_tokens
+               (end-of-sequence ignored, so every mode does the same work): no speculation, fixed
+               verify lengths, and the load-aware modes.
 
 Lossless check: every greedy speculative output is compared token by token with dspark's plain
 decoding of the same prompt. A mismatch fails the run (LosslessError) unless the target's two best
@@ -133,8 +134,8 @@ class Models:
         return prompt_ids({"prompt": text}, self.tokenizer)
 
 
-def _greedy(max_new_tokens: int, count: int) -> list:
-    return [SamplingParams(max_new_tokens=max_new_tokens) for _ in range(count)]
+def _greedy(max_new_tokens: int, count: int, ignore_eos: bool = False) -> list:
+    return [SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos) for _ in range(count)]
 
 
 # ------------------------------------------------------------------------------------ lossless
@@ -344,7 +345,7 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
         for _ in range(settings.repeats):
             for label, engine in engines.items():
                 started = time.perf_counter()
-                outputs[label] = [o.token_ids for o in engine.generate(prompts, _greedy(n, concurrency))]
+                outputs[label] = [o.token_ids for o in engine.generate(prompts, _greedy(n, concurrency, ignore_eos=True))]
                 seconds[label].append(time.perf_counter() - started)
         row = {"concurrency": concurrency}
         for label in engines:

@@ -83,8 +83,9 @@ def _mean(values: list) -> float:
 def speed_table(results: dict) -> list:
     rows = results["speed"]
     s = results["settings"]
-    lines = [f"### Batch 1, greedy, {s['speed_max_new_tokens']} new tokens per prompt, "
-             f"{s['speed_prompts']} prompt(s) per dataset; median of {s['repeats']} round-robin repeat(s)", "",
+    lines = [f"### Batch 1, greedy, up to {s['speed_max_new_tokens']} new tokens per prompt (stopping at end of "
+             f"sequence), the first {s['speed_prompts']} prompt(s) of each dataset; median of {s['repeats']} "
+             "round-robin repeat(s); tau here is over these prompts only", "",
              "| method | tokens/s | x transformers generate() | x dspark no draft | tau | output = plain decoding |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -106,8 +107,8 @@ def speed_table(results: dict) -> list:
 def concurrency_table(results: dict) -> list:
     rows = results["concurrency"]
     modes = [k for k in rows[0] if k != "concurrency"]
-    lines = [f"### Tokens/s vs concurrency (greedy, {results['settings']['max_new_tokens']} new tokens, "
-             "DSpark draft)", "",
+    lines = [f"### Tokens/s vs concurrency (greedy, exactly {results['settings']['max_new_tokens']} new tokens per "
+             "request, DSpark draft; the load-aware modes use the backend's analytic cost prior)", "",
              "| requests | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
     for row in rows:
         best = max(modes, key=row.get)

@@ -3,6 +3,7 @@
 `dspark.cli.build_parser`; same error and output conventions."""
 import json
 import shlex
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def _cmd_demo(args) -> int:
               f"{args.draft} draft ...")
     spec = Engine.from_pretrained(target_dir, draft=draft_dir, backend=args.backend, max_batch_size=1,
                                   dtype="float32", schedule=args.schedule)
-    plain = Engine(spec.target, spec.tokenizer, None, spec.backend, spec.config)
+    plain = Engine(spec.target, spec.tokenizer, None, spec.backend, replace(spec.config, schedule="fixed"))
     prompts = [prompt_ids({"prompt": p}, spec.tokenizer) for p in DEMO_PROMPTS]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     for engine in (spec, plain):                 # warm-up: first-call allocations are not decoding speed
@@ -88,8 +89,6 @@ def _int_list(text: str) -> list:
 
 
 def _cmd_bench(args) -> int:
-    from dataclasses import replace
-
     from . import bench
     from .bench_report import plot, splice_markdown, to_markdown
     from .reference import reference_model_dir
@@ -124,7 +123,7 @@ def _cmd_bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     doc = Path(args.update_doc) if args.update_doc else None
-    plots = plot(results, doc.parent if doc else out, prefix="bench" if doc else "plot")
+    plots = plot(results, doc.parent if doc else out, prefix="bench_reference" if doc else "plot")
     markdown = to_markdown(results, command, plots)
     (out / "results.md").write_text(markdown)
     if doc is not None:

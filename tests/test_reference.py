@@ -76,9 +76,10 @@ def test_reference_dspark_draft_carries_sts_temperatures():
     assert len(temperatures) == config["block_size"] and all(t > 0 for t in temperatures)
 
 
-def test_demo_runs_and_reports_identical_outputs():
+@pytest.mark.parametrize("schedule", ["fixed", "budget"])
+def test_demo_runs_and_reports_identical_outputs(schedule):
     result = subprocess.run([sys.executable, "-m", "dspark", "demo", "--json", "--max-new-tokens", "32",
-                             "--backend", "cpu"], capture_output=True, text=True, timeout=300)
+                             "--backend", "cpu", "--schedule", schedule], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["identical"] is True
