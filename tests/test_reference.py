@@ -52,7 +52,7 @@ def test_reference_target_matches_transformers():
 def test_reference_drafts_are_trained_and_lossless(algorithm):
     """Greedy identity with plain decoding, and an acceptance well above an untrained draft's
     (tau is deterministic for greedy decoding: untrained drafts of each algorithm reach 1.00 on
-    these prompts, the shipped ones 1.86-2.11)."""
+    these prompts, the drafts of the first build 1.86-2.11)."""
     target = reference_model_dir("target")
     prompts = ["Tom has 3 apples and buys 5 more. How many apples does he have now?",
                "Write a python function `add` to add two numbers."]
