@@ -81,13 +81,6 @@ def _cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- bench
-def _int_list(text: str) -> list:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers like 1,8,32, got {text!r}") from None
-
-
 def _cmd_bench(args) -> int:
     from . import bench
     from .bench_report import plot, splice_markdown, to_markdown
@@ -100,7 +93,7 @@ def _cmd_bench(args) -> int:
     if args.max_new_tokens is not None:
         settings.speed_max_new_tokens = args.max_new_tokens
     if args.concurrency:
-        settings.concurrency = _int_list(args.concurrency)
+        settings.concurrency = args.concurrency
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"acceptance", "speed", "concurrency"}
     if unknown:
@@ -135,6 +128,8 @@ def _cmd_bench(args) -> int:
 
 
 def add_commands(commands, formatter, para) -> None:
+    from .cli import _int_list     # the CLI's comma-separated integer type (cli imports this module lazily)
+
     demo = commands.add_parser(
         "demo", formatter_class=formatter, help="stream the built-in reference models and show the speed-up",
         description=para("Generate answers to a few built-in prompts with the reference target and its DSpark draft "
@@ -178,7 +173,7 @@ def add_commands(commands, formatter, para) -> None:
     bench.add_argument("--prompts-per-dataset", type=int, metavar="N")
     bench.add_argument("--speed-prompts", type=int, metavar="N", help="batch-1 speed prompts per dataset")
     bench.add_argument("--max-new-tokens", type=int, metavar="N")
-    bench.add_argument("--concurrency", metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
+    bench.add_argument("--concurrency", type=_int_list, metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
     bench.add_argument("--repeats", type=int, metavar="N", help="round-robin repeats of each timed configuration")
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="where results.json / results.md (and plots) go (default: %(default)s)")

@@ -136,9 +136,9 @@ def build_tokenizer(work: Path, out: Path) -> dict:
 
 
 def load_tokenizer(out: Path):
-    from transformers import AutoTokenizer
+    from dspark.models.checkpoint import load_tokenizer as load_directory_tokenizer
 
-    return AutoTokenizer.from_pretrained(out / "target")
+    return load_directory_tokenizer(out / "target")
 
 
 # ----------------------------------------------------------------------------------- causal LMs
