@@ -94,6 +94,12 @@ class Backend:
         handle.replay()
 
     # --- kernels used by the models ---
+    def inference_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        """A faster kernel for y = x @ weight.T + bias with frozen weights, or None (use F.linear).
+        Returned as a callable over 2-D inputs [M, in] -> [M, out]; models install it with
+        `dspark.models.layers.prepare_for_inference` and drop it whenever the weight changes."""
+        return None
+
     def attention(
         self,
         query: torch.Tensor,  # [R, H, Q, D]

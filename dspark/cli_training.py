@@ -18,7 +18,7 @@ def _cmd_regenerate(args) -> int:
     _progress(f"loading target {args.target} ...")
     engine = Engine.from_pretrained(args.target, backend=args.backend, max_batch_size=args.batch_size)
     path = regenerate(engine, prompts, args.out, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, progress=_progress)
+                      temperature=args.temperature, seed=args.seed, progress=_progress)
     print(str(path))
     return 0
 

@@ -34,6 +34,7 @@ from .calibration import OnlineSTS
 from .errors import NumericalError
 from .models import StepBatch, load_draft, load_target
 from .models.batch import consecutive_range
+from .models.layers import prepare_for_inference
 from .params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
 from .scheduler import RoundPlanner, cost_model_for
 
@@ -83,6 +84,9 @@ class Engine:
     def __init__(self, target, tokenizer, draft, backend: Backend, config: EngineConfig):
         self.target, self.tokenizer, self.draft = target, tokenizer, draft
         self.backend, self.config = backend, config
+        for model in (target, draft):
+            if model is not None:
+                prepare_for_inference(model, backend)
         tcfg = target.config
         self.dtype = next(target.parameters()).dtype
         self.max_model_len = config.max_model_len or min(tcfg.max_position_embeddings, 4096)
@@ -246,6 +250,7 @@ class Engine:
                 if r.finished:
                     free_slots.append(r.slot)
                     self.planner.forget(id(r))
+            free_slots.sort()        # lowest slots first: active slots stay one compact span
             active = [r for r in active if not r.finished]
 
     @staticmethod

@@ -18,4 +18,14 @@ class NumericalError(DSparkError, RuntimeError):
     """A model produced NaN or infinite logits."""
 
 
-__all__ = ["BackendUnavailableError", "CheckpointError", "DSparkError", "DraftMismatchError", "NumericalError"]
+class ConfigError(DSparkError, ValueError):
+    """A setting, a parameter or a settings file is invalid, or conflicts with earlier work
+    (a training run resumed with other settings)."""
+
+
+class DataError(DSparkError, ValueError):
+    """An input data file (prompts, training data, a trainer state) is malformed or unreadable."""
+
+
+__all__ = ["BackendUnavailableError", "CheckpointError", "ConfigError", "DSparkError", "DataError",
+           "DraftMismatchError", "NumericalError"]

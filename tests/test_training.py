@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import dspark
+from dspark.errors import DSparkError
 from dspark.models.draft import block_attention_mask
 from dspark.testing import make_target
 from dspark.training import TrainBatch, TrainConfig, Trainer, train
@@ -74,7 +75,7 @@ class StubDraft(torch.nn.Module):
 
     def __init__(self, hidden, confidence_logits):
         super().__init__()
-        self.config = SimpleNamespace(block_size=2)
+        self.config = SimpleNamespace(block_size=2, reduced_vocab=False)
         self.hidden, self.conf = hidden, confidence_logits
         self.lm_head = torch.nn.Linear(3, 3, bias=False)
         with torch.no_grad():
@@ -127,6 +128,60 @@ def test_dspark_loss_terms_against_hand_computation():
     assert metrics["ce"] == pytest.approx(ce / weight_sum, rel=1e-5)
     assert metrics["l1"] == pytest.approx(l1 / weight_sum, rel=1e-5)
     assert metrics["bce"] == pytest.approx(bce / weight_sum, rel=1e-5)
+
+
+def test_reduced_vocabulary_loss_uses_the_full_target_normaliser():
+    # Target vocabulary 4, draft vocabulary = target ids [0, 2, 3] (d2t = [0, 1, 1]). Tokens
+    # [0, 2, 1, 3]: the label 1 at position 2 is outside the draft vocabulary, so CE skips it
+    # and the total variation counts the target's mass on token 1 as mismatch.
+    from dspark.models.draft import DraftVocab
+
+    class ReducedStub(StubDraft):
+        def __init__(self, hidden, confidence_logits):
+            super().__init__(hidden, confidence_logits)
+            self.config = SimpleNamespace(block_size=2, reduced_vocab=True)
+            DraftVocab.register(self, 4, 3)
+            DraftVocab.set_tokens(self, [0, 2, 3])
+
+    ids = torch.tensor([[0, 2, 1, 3]])
+    mask = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
+    draft_logits = [[[0.5, 1.0, -1.0], [0.0, 0.3, 0.2]], [[1.0, -0.5, 0.7], [0.1, 0.0, 0.4]]]
+    full_target = [[0.2, -1.0, 1.5, 0.0], [0.0, 2.0, 0.5, -0.5], [1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in full_target]
+    in_draft = [[row[0], row[2], row[3]] for row in full_target]          # the draft's rows of the LM head
+    confidence = [[0.2, -0.3], [0.8, 0.1]]
+    draft = ReducedStub(torch.tensor([draft_logits]), torch.tensor([confidence]))
+    batch = TrainBatch(ids, mask, torch.tensor([4]), torch.zeros(1, 4, 3), torch.tensor([in_draft]),
+                       target_lse=torch.tensor([lse]))
+    per_sequence, metrics = parallel_draft_loss(draft, batch, CPU, [torch.Generator().manual_seed(0)], 10,
+                                                LossWeights(0.1, 0.9, 1.0, 4.0))
+
+    def softmax(row):
+        exps = [math.exp(v) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    to_draft = {0: 0, 2: 1, 3: 2}
+    weights = [1.0, math.exp(-0.25)]
+    ce = ce_w = l1 = bce = weight_sum = 0.0
+    for block, anchor in enumerate([1, 2]):          # anchors with x_p and x_{p+1} in the response
+        for k in range(2):
+            if anchor + 1 + k >= 4:
+                break
+            p = softmax(draft_logits[block][k])
+            q_full = softmax(full_target[anchor + k])
+            q = [q_full[0], q_full[2], q_full[3]]
+            tv = sum(abs(a - b) for a, b in zip(p, q)) + q_full[1]
+            label_token = ids[0, anchor + 1 + k].item()
+            if label_token in to_draft:
+                ce += weights[k] * -math.log(p[to_draft[label_token]])
+                ce_w += weights[k]
+            label, c = 1 - tv / 2, 1 / (1 + math.exp(-confidence[block][k]))
+            l1 += weights[k] * tv
+            bce += weights[k] * -(label * math.log(c) + (1 - label) * math.log(1 - c))
+            weight_sum += weights[k]
+    total = 0.1 * ce / ce_w + (0.9 * l1 + 1.0 * bce) / weight_sum
+    assert float(per_sequence[0].detach()) == pytest.approx(total, rel=1e-5)
+    assert metrics["l1"] == pytest.approx(l1 / weight_sum, rel=1e-5)
 
 
 def test_global_batches_are_deterministic_and_cover_epochs():
@@ -194,6 +249,75 @@ def test_resume_after_an_interruption_reproduces_an_uninterrupted_run(corpus, tm
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(corpus, tmp_path):
+    straight = train(config(corpus, tmp_path / "straight", steps=8, checkpoint_every=3), progress=lambda m: None)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt_after_step_5(message):
+        if message.startswith("step 5/"):       # after the checkpoint at step 3: steps 4-5 must not repeat
+            raise Stop
+
+    cfg = config(corpus, tmp_path / "resumed", steps=8, checkpoint_every=3)
+    with pytest.raises(Stop):
+        train(cfg, progress=interrupt_after_step_5)
+    resumed = train(cfg, progress=lambda m: None)
+
+    def steps(path):
+        return [json.loads(line)["step"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps(resumed) == steps(straight) == list(range(1, 9))
+    loss = {json.loads(line)["step"]: json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()}
+    reference = {json.loads(line)["step"]: json.loads(line)["loss"]
+                 for line in (straight / "metrics.jsonl").read_text().splitlines()}
+    assert loss == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_rerun_with_other_settings_is_refused_and_fresh_starts_over(corpus, tmp_path):
+    state_dir = tmp_path / "run"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(message):
+        if message.startswith("step 3/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config(corpus, state_dir, steps=6, checkpoint_every=2), progress=stop_at_3)
+    with pytest.raises(DSparkError, match=r"other settings \(lr: 0.003 -> 0.01; seed: 0 -> 5\).*--fresh"):
+        train(config(corpus, state_dir, steps=6, checkpoint_every=2, lr=1e-2, seed=5), progress=lambda m: None)
+    out = Trainer(config(corpus, state_dir, steps=6, checkpoint_every=2, lr=1e-2, seed=5), fresh=True,
+                  progress=lambda m: None).train()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_the_trainer_state_is_never_unpickled(corpus, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(message):
+        if message.startswith("step 3/"):
+            raise Stop
+
+    cfg = config(corpus, tmp_path / "run", steps=6, checkpoint_every=2)
+    with pytest.raises(Stop):
+        train(cfg, progress=stop_at_3)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert not list(checkpoint.rglob("*.pt")) and (checkpoint / "trainer_state" / "state.json").is_file()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    train(cfg, progress=lambda m: None)          # resumes without torch.load
+    (checkpoint / "trainer_state" / "state.json").write_text("{not json")
+    monkeypatch.undo()
+    with pytest.raises(DSparkError):             # a damaged state file is named, not a traceback
+        Trainer(cfg, progress=lambda m: None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -240,13 +364,48 @@ def test_cached_features_equal_online_features_and_train_alike(corpus, tmp_path)
     exact.build(target, CPU, examples[:6], [1, 2], shard_size=4, progress=messages.append)
     assert "MiB" in messages[0] and len(list((tmp_path / "fp32").glob("shard_*.safetensors"))) == 2
     ids, _, lengths = collate(examples[2:6], CPU.device)
-    online_hidden, online_last = target_features(target, CPU, ids, lengths, [1, 2])
-    cached_hidden, cached_last = exact.load([2, 3, 4, 5], ids.shape[1], CPU.device)
+    online_hidden, online_last, online_lse = target_features(target, CPU, ids, lengths, [1, 2], with_lse=True)
+    cached_hidden, cached_last, cached_lse = exact.load([2, 3, 4, 5], ids.shape[1], CPU.device)
     torch.testing.assert_close(cached_hidden, online_hidden, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached_last, online_last, atol=1e-5, rtol=1e-5)
+    valid = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    full = target.lm_head(online_last).double().logsumexp(-1)          # the log-sum-exp over the whole vocabulary
+    torch.testing.assert_close(cached_lse[valid].double(), full[valid], atol=1e-4, rtol=1e-5)
+    # A cache of several layers serves a draft that reads a subset of them, in the draft's order.
+    only_second, _, _ = exact.load([2, 3, 4, 5], ids.shape[1], CPU.device, layer_ids=[2])
+    torch.testing.assert_close(only_second, online_hidden[..., target.config.hidden_size:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds layers"):
+        exact.load([2], ids.shape[1], CPU.device, layer_ids=[3])
 
     online = train(config(corpus, tmp_path / "online", steps=5), progress=lambda m: None)
     cached = train(config(corpus, tmp_path / "cached", steps=5, features="cached"), progress=lambda m: None)
     losses = [[json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
               for out in (online, cached)]
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)       # bfloat16 features by default
+
+
+def test_fused_token_losses_match_autograd_against_float64():
+    from dspark.training.losses import token_losses
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 5, 300, generator=generator, dtype=torch.float64) * 2
+    targets = torch.randn(9, 300, generator=generator, dtype=torch.float64).softmax(-1) * 0.9   # 10 % elsewhere
+    rows = torch.randint(0, 9, (3, 5), generator=generator)
+    labels = torch.randint(0, 300, (3, 5), generator=generator)
+    labels[0, 1] = labels[2, 3] = -1                                                 # no CE at these positions
+    outside = torch.full((3, 5), 0.1, dtype=torch.float64)
+    weights_ce, weights_tv = torch.rand(3, 5, generator=generator), torch.rand(3, 5, generator=generator)
+
+    fused = logits.clone().requires_grad_(True)
+    ce, tv = token_losses(fused, labels, targets, rows, outside)          # computes in float32
+    ((ce * weights_ce).sum() + (tv * weights_tv).sum()).backward()
+
+    plain = logits.clone().requires_grad_(True)
+    log_probs = plain.log_softmax(-1)
+    ce_ref = torch.where(labels >= 0, -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1),
+                         torch.zeros(()))
+    tv_ref = (log_probs.exp() - targets[rows]).abs().sum(-1) + outside
+    ((ce_ref * weights_ce).sum() + (tv_ref * weights_tv).sum()).backward()
+    torch.testing.assert_close(ce.double(), ce_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tv.double(), tv_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-6)

@@ -40,6 +40,12 @@ class StepBatch:
     # (Backend.attention's kv_lens). In a captured graph's static buffers this list is a host
     # buffer: the engine overwrites it in place before each replay, like the device buffers.
     kv_lens: Optional[list] = None
+    # (first, stop) of a slot span that holds every request's slot (distinct slots, few gaps):
+    # attention then reads the span as one view and places request r at row kv_rows[r] of it,
+    # instead of gathering the requests' keys (a copy of every layer's cache each step). Rows
+    # of the span that belong to no request compute throw-away outputs.
+    kv_span: Optional[tuple] = None
+    kv_rows: Optional[torch.Tensor] = None   # [R] long, row of each request inside kv_span
 
     @property
     def num_requests(self) -> int:
@@ -81,6 +87,7 @@ class StepBatch:
             max_kv_len=max(s + n for s, n in zip(start_positions, query_lens)),
             slot_range=consecutive_range(slots),
             kv_lens=[s + n for s, n in zip(start_positions, query_lens)],
+            **slot_span(slots, device),
         )
 
     @classmethod
@@ -105,7 +112,7 @@ class StepBatch:
             token_rows=rows, token_offsets=offsets, token_slots=slot_tensor[rows], slots=slot_tensor,
             start_positions=starts, query_lens=query_lens, cu_query_lens=cu, max_query_len=max_query_len,
             max_kv_len=max(start_positions) + max_query_len, slot_range=consecutive_range(slots),
-            kv_lens=[s + max_query_len for s in start_positions],
+            kv_lens=[s + max_query_len for s in start_positions], **slot_span(slots, device),
         )
 
     @classmethod
@@ -131,7 +138,7 @@ class StepBatch:
         starts = list(start_positions) + [0] * (num_rows - real)
         slot_list = list(slots) + [scratch_slot] * (num_rows - real)
         batch = cls.from_lengths(lens, starts, slot_list, bucket, width)
-        batch.max_kv_len, batch.slot_range = kv_len, None
+        batch.max_kv_len, batch.slot_range, batch.kv_span, batch.kv_rows = kv_len, None, None, None
         batch.kv_lens = [min(n, kv_len) for n in batch.kv_lens]
         return batch
 
@@ -153,6 +160,20 @@ def consecutive_range(slots: Sequence[int]) -> Optional[tuple]:
     if slots and slots == list(range(slots[0], slots[0] + len(slots))):
         return slots[0], slots[0] + len(slots)
     return None
+
+
+def slot_span(slots: Sequence[int], device) -> dict:
+    """kv_span / kv_rows for distinct slots whose span is at most twice their number (plus 8):
+    reading the span as a view beats gathering. Example: slots [4, 2, 3] -> span (2, 5),
+    rows [2, 0, 1]. Empty dict (gather) otherwise."""
+    slots = list(slots)
+    if not slots or len(set(slots)) != len(slots):
+        return {}
+    first, stop = min(slots), max(slots) + 1
+    if stop - first > 2 * len(slots) + 8:
+        return {}
+    return {"kv_span": (first, stop),
+            "kv_rows": torch.tensor([s - first for s in slots], dtype=torch.long, device=device)}
 
 
 class KVCache:

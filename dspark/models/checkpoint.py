@@ -22,7 +22,11 @@ KNOWN_PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
 def model_dir(path: PathLike, what: str) -> Path:
-    directory = Path(path).expanduser()
+    """The model directory for `path`: a directory, or a GGUF file / known model name, converted
+    once into the cache (see `sources.resolve_model`)."""
+    from .sources import resolve_model
+
+    directory = resolve_model(path)
     if not directory.exists():
         raise CheckpointError(f"{what} directory {str(directory)!r} does not exist")
     if not directory.is_dir():

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, DraftMismatchError
 from .batch import KVCache
 from .config import RopeConfig, TargetConfig
 from .heads import MARKOV_HEADS, ConfidenceHead
-from .layers import MLP, RMSNorm, Rotary, apply_rope
+from .layers import MLP, Linear, RMSNorm, Rotary, apply_rope
 
 DSPARK_ARCHITECTURE = "Qwen3DSparkModel"
 
@@ -59,12 +59,27 @@ class DraftConfig:
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     anchor_as_first: bool = True
-    # Per-position STS temperatures on the confidence logit (None = uncalibrated).
+    # Per-position STS temperatures on the confidence logit (None = uncalibrated), fitted on
+    # sampled rounds (T > 0); greedy rounds have their own set when fitted (acceptance under
+    # greedy verification is a different event, and one set fitted at T = 1 calibrates it worse).
     confidence_temperatures: Optional[list] = None
+    confidence_temperatures_greedy: Optional[list] = None
     # The target's logit scale, for targets that scale embeddings (Gemma: sqrt(d)) or soft-cap
     # logits: the draft's copied embedding and LM head must be used the way the target uses them.
     embed_scale: float = 1.0
     final_logit_softcapping: Optional[float] = None
+    # Tokens the draft can propose (EAGLE-3's reduced draft vocabulary, d2t / t2d maps in the
+    # weights); None = the whole target vocabulary.
+    draft_vocab_size: Optional[int] = None
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab_size is not None and self.draft_vocab_size < self.vocab_size
+
+    @property
+    def output_size(self) -> int:
+        """Rows of the draft's LM head (and Markov W2): the draft vocabulary."""
+        return self.draft_vocab_size if self.reduced_vocab else self.vocab_size
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -81,6 +96,9 @@ class DraftConfig:
                 raise ValueError(f"target layer id {layer_id} is outside [-1, {self.num_target_layers - 1}]")
         if not self.embed_scale > 0:
             raise ValueError(f"embed_scale must be positive, got {self.embed_scale}")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, {self.vocab_size}] (the target vocabulary), "
+                             f"got {self.draft_vocab_size}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
             raise ValueError(f"final_logit_softcapping must be positive or None, got {self.final_logit_softcapping}")
 
@@ -113,11 +131,15 @@ class DraftConfig:
             "anchor_as_first": self.anchor_as_first,
             "confidence_temperatures": self.confidence_temperatures,
         })
+        if self.confidence_temperatures_greedy is not None:
+            hf["confidence_temperatures_greedy"] = self.confidence_temperatures_greedy
         # Written only when they differ from the defaults, so Qwen3 / Llama drafts keep DeepSpec's field set.
         if self.embed_scale != 1.0:
             hf["embed_scale"] = self.embed_scale
         if self.final_logit_softcapping is not None:
             hf["final_logit_softcapping"] = self.final_logit_softcapping
+        if self.reduced_vocab:
+            hf["draft_vocab_size"] = self.draft_vocab_size
         hf.pop("rope_theta", None)
         hf.pop("rope_scaling", None)
         return hf
@@ -151,9 +173,11 @@ class DraftConfig:
                 confidence_head_with_markov=bool(hf.get("confidence_head_with_markov", False)) and confidence,
                 anchor_as_first=bool(hf.get("anchor_as_first", algorithm != "dflash")),
                 confidence_temperatures=hf.get("confidence_temperatures"),
+                confidence_temperatures_greedy=hf.get("confidence_temperatures_greedy"),
                 embed_scale=float(hf.get("embed_scale", 1.0)),
                 final_logit_softcapping=(None if hf.get("final_logit_softcapping") is None
                                          else float(hf["final_logit_softcapping"])),
+                draft_vocab_size=None if hf.get("draft_vocab_size") is None else int(hf["draft_vocab_size"]),
             )
         except KeyError as exc:
             raise CheckpointError(f"{source}: draft field {exc.args[0]!r} is missing") from None
@@ -174,6 +198,63 @@ class DraftProposal:
     confidence_logits: Optional[torch.Tensor] = None  # [R, gamma] before STS temperatures (for calibration)
 
 
+class DraftVocab:
+    """A reduced draft vocabulary, in EAGLE-3's convention: the draft's LM head has one row per
+    draft token, `d2t` [Vd] int64 holds offsets (target id = draft id + d2t[draft id]) and `t2d`
+    [V] bool marks the target tokens the draft can propose. The draft distribution is expanded
+    to the full vocabulary with zero mass outside, so verification is unchanged and stays exact:
+    a target token the draft cannot propose is simply never accepted as a draft.
+
+    Worked example: V = 6, draft tokens = target ids [0, 2, 5] -> d2t = [0, 1, 3],
+    t2d = [T, F, T, F, F, T], to_draft([5, 1]) = [2, -1]."""
+
+    @staticmethod
+    def register(module: nn.Module, vocab_size: int, draft_vocab_size: int) -> None:
+        """Add the d2t / t2d buffers (names as in EAGLE-3's release) to a draft module."""
+        module.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.long))
+        module.register_buffer("t2d", torch.zeros(vocab_size, dtype=torch.bool))
+
+    @staticmethod
+    def set_tokens(module: nn.Module, target_ids) -> None:
+        """Fill d2t / t2d from the (sorted, distinct) target ids of the draft tokens."""
+        ids = torch.as_tensor(sorted(set(int(i) for i in target_ids)), dtype=torch.long)
+        if ids.numel() != module.d2t.numel():
+            raise ValueError(f"expected {module.d2t.numel()} distinct draft tokens, got {ids.numel()}")
+        if ids.min() < 0 or ids.max() >= module.t2d.numel():
+            raise ValueError("draft token ids must lie inside the target vocabulary")
+        module.d2t.copy_(ids - torch.arange(ids.numel()))
+        module.t2d.zero_()
+        module.t2d[ids] = True
+
+    @staticmethod
+    def target_ids(module: nn.Module) -> torch.Tensor:
+        """[Vd] the target id of each draft token."""
+        return torch.arange(module.d2t.numel(), device=module.d2t.device) + module.d2t
+
+    @staticmethod
+    def check(module: nn.Module, source: str) -> None:
+        """The maps loaded from a checkpoint must describe the same token set."""
+        ids = DraftVocab.target_ids(module)
+        ok = bool((ids >= 0).all() and (ids < module.t2d.numel()).all())
+        ok = ok and bool((ids[1:] > ids[:-1]).all()) and int(module.t2d.sum()) == ids.numel() \
+            and bool(module.t2d[ids].all())
+        if not ok:
+            raise CheckpointError(f"{source}: d2t and t2d do not describe the same set of draft tokens")
+
+    @staticmethod
+    def expand(module: nn.Module, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """[..., Vd] in draft order -> [..., V] with `fill` at tokens outside the draft vocabulary."""
+        out = values.new_full(values.shape[:-1] + (module.t2d.numel(),), fill)
+        out[..., DraftVocab.target_ids(module)] = values
+        return out
+
+    @staticmethod
+    def to_draft(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Target ids -> draft ids, -1 where the draft cannot propose the token."""
+        index = torch.cumsum(module.t2d.long(), 0) - 1
+        return torch.where(module.t2d[ids], index[ids], torch.full_like(ids, -1))
+
+
 class ScaledEmbedding(nn.Embedding):
     """Token embedding times `scale`, the scale rounded to the weight dtype first, exactly as
     Gemma targets embed (scale sqrt(d)); scale 1 is a plain embedding."""
@@ -187,7 +268,7 @@ class ScaledEmbedding(nn.Embedding):
         return x if self.scale == 1.0 else x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
 
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The (frozen, target-copied) LM head, with the target's final-logit soft-capping
     cap * tanh(logits / cap) when it has one. Training computes the target's distribution
     through this same module, so both sides of every loss are on the target's scale."""
@@ -205,10 +286,10 @@ class DraftAttention(nn.Module):
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
@@ -255,12 +336,16 @@ class DSparkDraft(nn.Module):
         self.embed_tokens = ScaledEmbedding(cfg.vocab_size, d, cfg.embed_scale)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.fc = nn.Linear(len(cfg.target_layer_ids) * d, d, bias=False)
+        self.fc = Linear(len(cfg.target_layer_ids) * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.lm_head = LMHead(d, cfg.vocab_size, cfg.final_logit_softcapping)
+        self.lm_head = LMHead(d, cfg.output_size, cfg.final_logit_softcapping)
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
-        self.markov_head = (MARKOV_HEADS[cfg.markov_head_type](cfg.vocab_size, cfg.markov_rank, d)
+        # W1 is indexed by the previous token (any target token, e.g. the anchor); W2 maps to
+        # the draft vocabulary.
+        self.markov_head = (MARKOV_HEADS[cfg.markov_head_type](cfg.vocab_size, cfg.markov_rank, d, cfg.output_size)
                             if cfg.markov_rank > 0 else None)
+        if cfg.reduced_vocab:
+            DraftVocab.register(self, cfg.vocab_size, cfg.draft_vocab_size)
         self.confidence_head = None
         if cfg.enable_confidence_head:
             self.confidence_head = ConfidenceHead(d + (cfg.markov_rank if cfg.confidence_head_with_markov else 0))
@@ -308,7 +393,11 @@ class DSparkDraft(nn.Module):
             ctx_k, ctx_v = cache.read(i, slots, ctx_len, slot_range)
             x = layer(x, cos, sin, ctx_k, ctx_v, mask, backend)
         hidden = self.norm(x if cfg.anchor_as_first else x[:, 1:])
-        return hidden, self.lm_head(hidden)
+        return hidden, self.full_vocab(self.lm_head(hidden), float("-inf"))
+
+    def full_vocab(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """[..., Vd] over the draft vocabulary -> [..., V] (identity without a reduced vocabulary)."""
+        return DraftVocab.expand(self, values, fill) if self.config.reduced_vocab else values
 
     def train_blocks(self, input_ids, target_hidden, anchors, keep, backend):
         """The training forward: one block per sampled anchor, all blocks of a sequence at once.
@@ -348,13 +437,21 @@ class DSparkDraft(nn.Module):
             features = torch.cat([hidden, self.markov_head.prev_embeddings(prev_ids).to(hidden.dtype)], dim=-1)
         return self.confidence_head(features).float()
 
-    def confidence(self, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """c_k = sigmoid(z_k / T_k), with the STS temperatures when calibrated: [R, gamma] in (0, 1)."""
+    def confidence(self, logits: Optional[torch.Tensor], greedy: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """c_k = sigmoid(z_k / T_k), with the STS temperatures when calibrated: [R, gamma] in (0, 1).
+        greedy [R] bool marks rows decoded at temperature 0, which use the greedy set when fitted."""
         if logits is None:
             return None
-        if self.config.confidence_temperatures:
-            logits = logits / torch.tensor(self.config.confidence_temperatures, device=logits.device)
-        return torch.sigmoid(logits)
+        return torch.sigmoid(logits / self.sts_temperatures(logits, greedy))
+
+    def sts_temperatures(self, logits: torch.Tensor, greedy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The STS temperature of every entry of `logits` [R, gamma] (1 where uncalibrated)."""
+        cfg = self.config
+        sampled = torch.tensor(cfg.confidence_temperatures or [1.0] * logits.shape[-1], device=logits.device)
+        if greedy is None or not cfg.confidence_temperatures_greedy:
+            return sampled.expand_as(logits)
+        greedy_set = torch.tensor(cfg.confidence_temperatures_greedy, device=logits.device)
+        return torch.where(greedy.view(-1, 1), greedy_set, sampled)
 
     @torch.no_grad()
     def propose(self, anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p,
@@ -363,10 +460,17 @@ class DSparkDraft(nn.Module):
         hints: host-known sampling hints for `ops.sampling_probs` (all_greedy, filtered)."""
         hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend, slot_range, ctx_len)
         transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
+        if transition is not None and self.config.reduced_vocab:
+            step = transition
+
+            def transition(k, prev_ids, state):          # biases over the full vocabulary
+                bias, state = step(k, prev_ids, state)
+                return self.full_vocab(bias, 0.0), state
         tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
                                                 temperature, top_k, top_p, transition, **hints)
         logits = self.confidence_logits(hidden, prev_ids)
-        return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(logits), confidence_logits=logits)
+        return DraftProposal(tokens=tokens, probs=probs, confidence=self.confidence(logits, temperature == 0),
+                             confidence_logits=logits)
 
 
 def block_attention_mask(anchors: torch.Tensor, keep: torch.Tensor, length: int, block_len: int) -> torch.Tensor:
@@ -425,7 +529,35 @@ register_draft_algorithm(DraftAlgorithm(
 # init_draft options a user may set (the rest come from the target).
 INIT_OPTIONS = ("num_layers", "block_size", "target_layer_ids", "mask_token_id", "num_anchors", "markov_rank",
                 "markov_head_type", "enable_confidence_head", "confidence_head_with_markov", "anchor_as_first",
-                "intermediate_size", "seed")
+                "intermediate_size", "draft_vocab_size", "seed")
+
+
+def target_parameters(target) -> int:
+    """Parameters of a decoder-only target from its config (embedding once, tied or not)."""
+    d, layers = target.hidden_size, target.num_layers
+    attention = 2 * d * target.num_heads * target.head_dim + 2 * d * target.num_kv_heads * target.head_dim
+    intermediate = getattr(target, "intermediate_size", 4 * d) or 4 * d
+    return layers * (attention + 3 * d * intermediate) + target.vocab_size * d
+
+
+def default_draft_sizes(target) -> dict:
+    """Draft sizes that suit the target's size. DeepSpec's recipe (5 layers, Markov rank 256, the
+    full vocabulary) is sized for 8 B targets; for a 135 M target it makes a draft nearly as
+    large as the target, and a draft LM head over 49 k tokens costs more than a target token.
+        target parameters    layers   Markov rank   draft vocabulary
+        < 0.5 B              1        64            16384 (when the vocabulary is larger)
+        < 2 B                2        128           32768
+        < 6 B                3        256           full
+        >= 6 B               5        256           full
+    """
+    params = target_parameters(target)
+    for limit, layers, rank, vocab in ((0.5e9, 1, 64, 16384), (2e9, 2, 128, 32768), (6e9, 3, 256, None)):
+        if params < limit:
+            break
+    else:
+        layers, rank, vocab = 5, 256, None
+    return {"num_layers": min(layers, max(1, target.num_layers // 4)), "markov_rank": rank,
+            "draft_vocab_size": vocab if vocab is not None and vocab < target.vocab_size else None}
 
 
 def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> DraftConfig:
@@ -440,7 +572,10 @@ def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> 
         settings["confidence_head_with_markov"] = False   # nothing to condition on without a Markov head
     if settings.get("target_layer_ids") is None:
         settings["target_layer_ids"] = entry.default_layers(target.num_layers)
-    settings.setdefault("num_layers", min(5, max(1, target.num_layers // 4)))
+    sizes = default_draft_sizes(target)
+    settings.setdefault("num_layers", sizes["num_layers"])
+    if "markov_rank" not in options and settings.get("markov_rank", 0) > 0:
+        settings["markov_rank"] = sizes["markov_rank"]
     settings.setdefault("mask_token_id", target.vocab_size - 1)
     settings.setdefault("intermediate_size", target.intermediate_size)
     known = {f.name for f in fields(DraftConfig)}
@@ -470,6 +605,7 @@ def check_draft_fits_target(draft: DraftConfig, target: TargetConfig, source: st
                                  "(or train one with `dspark train`).")
 
 
-__all__ = ["DRAFT_ALGORITHMS", "DraftAlgorithm", "DraftConfig", "DraftProposal", "DSparkDraft", "LMHead",
-           "ScaledEmbedding", "check_draft_fits_target", "default_target_layer_ids", "draft_algorithm",
+__all__ = ["DRAFT_ALGORITHMS", "DraftAlgorithm", "DraftConfig", "DraftProposal", "DSparkDraft", "DraftVocab", "LMHead",
+           "ScaledEmbedding", "check_draft_fits_target", "default_draft_sizes", "default_target_layer_ids",
+           "draft_algorithm",
            "draft_config_for_target", "register_draft_algorithm"]

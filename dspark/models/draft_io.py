@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from .checkpoint import (PathLike, load_state, model_dir, read_config, read_weights, save_weights,
                          strip_prefix, target_config)
 from .config import TargetConfig
-from .draft import DraftConfig, check_draft_fits_target, draft_algorithm, draft_config_for_target
+from .draft import DraftConfig, DraftVocab, check_draft_fits_target, draft_algorithm, draft_config_for_target
 from .gemma import gemma_text_config
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
@@ -51,20 +51,35 @@ def load_draft(path: PathLike, target_cfg: Optional[TargetConfig], target_model=
     model = build_draft(cfg)
     weights = strip_prefix(read_weights(directory, "draft"), set(model.state_dict()))
     missing_shared = load_state(model, weights, directory, optional=SHARED_WITH_TARGET)
+    if cfg.reduced_vocab:
+        DraftVocab.check(model, str(directory))
     if missing_shared:
         if target_model is None:
             raise CheckpointError(f"{directory} has no {', '.join(missing_shared)}; load it together with its target")
-        with torch.no_grad():
-            if "embed_tokens.weight" in missing_shared:
-                model.embed_tokens.weight.copy_(target_model.model.embed_tokens.weight)
-            if "lm_head.weight" in missing_shared:
-                model.lm_head.weight.copy_(target_model.lm_head.weight)
+        copy_shared_from_target(model, target_model, missing_shared)
     return model
 
 
-def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark", **options) -> str:
+def copy_shared_from_target(model: torch.nn.Module, target_model, names=SHARED_WITH_TARGET) -> None:
+    """Fill the draft's frozen copies of the target's embedding and LM head (with a reduced
+    draft vocabulary, the LM head rows of the draft's tokens)."""
+    with torch.no_grad():
+        if "embed_tokens.weight" in names:
+            model.embed_tokens.weight.copy_(target_model.model.embed_tokens.weight)
+        if "lm_head.weight" in names:
+            rows = target_model.lm_head.weight
+            if model.config.reduced_vocab:
+                rows = rows[DraftVocab.target_ids(model).to(rows.device)]
+            model.lm_head.weight.copy_(rows)
+
+
+def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark",
+               draft_vocab_ids: Optional[list] = None, progress=None, **options) -> str:
     """Create an untrained draft sized for a target, with the target's embedding and LM head
-    copied in. Options: see `dspark.models.draft.INIT_OPTIONS`. Returns `out_dir`."""
+    copied in. Options: see `dspark.models.draft.INIT_OPTIONS`. A reduced draft vocabulary
+    (`draft_vocab_size` below the target's) needs `draft_vocab_ids`, the target ids of its tokens
+    (`dspark.training.data.select_draft_vocab` picks the most frequent response tokens).
+    Returns `out_dir`."""
     from .checkpoint import load_target
 
     target_path = model_dir(target_dir, "target")
@@ -75,6 +90,14 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
         cfg = draft_config_for_target(target_cfg, algorithm, **options)
     except TypeError as exc:
         raise ValueError(str(exc)) from None
+    if progress is not None:
+        params = sum(p.numel() for p in build_draft(cfg).parameters())
+        progress(f"draft: {algorithm}, {cfg.num_layers} layer(s), block {cfg.block_size}, Markov rank "
+                 f"{cfg.markov_rank}, vocabulary {cfg.output_size} of {cfg.vocab_size}, target layers "
+                 f"{list(cfg.target_layer_ids)} ({params / 1e6:.1f} M parameters incl. the frozen embedding / LM head)")
+    if cfg.reduced_vocab and draft_vocab_ids is None:
+        raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} < the target's {cfg.vocab_size} needs the draft "
+                         "tokens (draft_vocab_ids); `dspark train` picks the most frequent ones from its --data")
     target, _ = load_target(target_path, torch.device("cpu"), torch.float32)
     torch.manual_seed(seed if seed is not None else 0)
     model = build_draft(cfg)
@@ -84,8 +107,9 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
                 module.weight.normal_(0.0, 0.02)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
-        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
-        model.lm_head.weight.copy_(target.lm_head.weight)
+    if cfg.reduced_vocab:
+        DraftVocab.set_tokens(model, draft_vocab_ids)
+    copy_shared_from_target(model, target)
     # The draft's config.json starts from the target's text config (a multimodal wrapper's
     # text_config, not its vision / audio parts).
     text_hf = gemma_text_config(target_hf) or target_hf

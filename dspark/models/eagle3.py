@@ -19,8 +19,9 @@ The layer (weight names as in EAGLE-3's release, `midlayer.*`): attention reads 
 2d-wide [input_layernorm(embed(x)); hidden_norm(g)] (q/k/v: 2d -> heads), the residual
 stream starts from the feature g, o_proj and a SwiGLU MLP work in d, and
 logits = lm_head(norm(h)). The residual output h (before `norm`) is what the chain feeds
-forward. No q/k norms (the release has none). The release's reduced draft vocabulary
-(d2t / t2d) is not used: our LM head is the target's, frozen.
+forward. No q/k norms (the release has none). A reduced draft vocabulary (the release's
+d2t / t2d maps, `DraftVocab`) keeps the LM head's rows of the draft tokens only; the chain
+samples from the full-vocabulary distribution with zero mass elsewhere.
 
 Inference differs from DSpark's parallel block: gamma sequential one-token steps per
 round over the draft's own single-layer KV cache. Because the draft has one layer, the
@@ -35,9 +36,9 @@ import torch
 from torch import nn
 
 from .batch import KVCache
-from .draft import (DraftAlgorithm, DraftConfig, DraftProposal,
+from .draft import (DraftAlgorithm, DraftConfig, DraftProposal, DraftVocab,
                     register_draft_algorithm)
-from .layers import MLP, RMSNorm, Rotary, apply_rope
+from .layers import MLP, Linear, RMSNorm, Rotary, apply_rope
 
 NUM_FUSED_LAYERS = 3   # low, mid, high
 
@@ -102,10 +103,10 @@ class Eagle3Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pair = 2 * cfg.hidden_size
-        self.q_proj = nn.Linear(pair, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(pair, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(pair, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(pair, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(pair, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(pair, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
 
 class Eagle3Layer(nn.Module):
@@ -154,11 +155,13 @@ class Eagle3Draft(nn.Module):
         self.config = cfg
         d = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        self.fc = nn.Linear(NUM_FUSED_LAYERS * d, d, bias=False)
+        self.fc = Linear(NUM_FUSED_LAYERS * d, d, bias=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.output_size, bias=False)
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        if cfg.reduced_vocab:
+            DraftVocab.register(self, cfg.vocab_size, cfg.draft_vocab_size)
         # Copies of the target's, never trained (the loss also detaches them).
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
@@ -177,8 +180,9 @@ class Eagle3Draft(nn.Module):
         return self.fc(target_hidden.to(self.fc.weight.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., d] -> [..., V]."""
-        return self.lm_head(self.norm(hidden))
+        """[..., d] -> [..., V] over the target vocabulary (-inf outside a reduced draft vocabulary)."""
+        logits = self.lm_head(self.norm(hidden))
+        return DraftVocab.expand(self, logits, float("-inf")) if self.config.reduced_vocab else logits
 
     def forward(self, input_ids: torch.Tensor, prev_features: torch.Tensor) -> torch.Tensor:
         """A causal pass over explicit pairs at positions 0..T-1, without a cache: the

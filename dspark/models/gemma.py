@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .batch import KVCache, StepBatch
 from .config import RopeConfig
-from .layers import apply_rope
+from .layers import Linear, apply_rope
 from .target import TargetOutput, padded_queries
 
 GEMMA_TEXT_TYPES = ("gemma3_text", "gemma4_text")
@@ -417,17 +417,17 @@ class GemmaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = cfg.attention_scale
         d, bias, zero_centred = cfg.hidden_size, cfg.attention_bias, not cfg.gemma4
-        self.q_proj = nn.Linear(d, cfg.num_heads * spec.head_dim, bias=bias)
+        self.q_proj = Linear(d, cfg.num_heads * spec.head_dim, bias=bias)
         self.q_norm = GemmaRMSNorm(spec.head_dim, cfg.rms_norm_eps, zero_centred)
         self.k_proj = self.v_proj = self.k_norm = self.v_norm = None
         if spec.kv_source == layer_idx:   # a KV-shared layer has no key/value weights at all
-            self.k_proj = nn.Linear(d, spec.num_kv_heads * spec.head_dim, bias=bias)
+            self.k_proj = Linear(d, spec.num_kv_heads * spec.head_dim, bias=bias)
             if not spec.k_eq_v:
-                self.v_proj = nn.Linear(d, spec.num_kv_heads * spec.head_dim, bias=bias)
+                self.v_proj = Linear(d, spec.num_kv_heads * spec.head_dim, bias=bias)
             self.k_norm = GemmaRMSNorm(spec.head_dim, cfg.rms_norm_eps, zero_centred)
             if cfg.gemma4:
                 self.v_norm = GemmaRMSNorm(spec.head_dim, cfg.rms_norm_eps, zero_centred, with_weight=False)
-        self.o_proj = nn.Linear(cfg.num_heads * spec.head_dim, d, bias=bias)
+        self.o_proj = Linear(cfg.num_heads * spec.head_dim, d, bias=bias)
 
     def forward(self, x, cos, sin, mask, batch: StepBatch, cache: GemmaKVCache, backend) -> torch.Tensor:
         """x: [N, d]; cos/sin: [N, D] of this layer type; mask: [R, 1, Qmax, L] bool."""
@@ -455,9 +455,9 @@ class GemmaMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
@@ -472,7 +472,7 @@ class GemmaRouter(nn.Module):
         super().__init__()
         self.top_k, self.root_scale = cfg.top_k_experts, cfg.hidden_size ** -0.5
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zero_centred=False, with_weight=False)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
@@ -541,8 +541,8 @@ class GemmaDecoderLayer(nn.Module):
         self.per_layer_input = cfg.hidden_size_per_layer_input > 0
         if self.per_layer_input:
             self.act = ACTIVATIONS[cfg.activation]
-            self.per_layer_input_gate = nn.Linear(d, cfg.hidden_size_per_layer_input, bias=False)
-            self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, d, bias=False)
+            self.per_layer_input_gate = Linear(d, cfg.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = Linear(cfg.hidden_size_per_layer_input, d, bias=False)
             self.post_per_layer_input_norm = GemmaRMSNorm(d, eps, zero_centred)
         # Gemma 4 scales each layer's output by a stored scalar (a checkpoint buffer).
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.gemma4 else None)
@@ -578,7 +578,7 @@ class _GemmaDecoder(nn.Module):
         if cfg.hidden_size_per_layer_input:
             width = cfg.num_layers * cfg.hidden_size_per_layer_input
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, width)
-            self.per_layer_model_projection = nn.Linear(d, width, bias=False)
+            self.per_layer_model_projection = Linear(d, width, bias=False)
             self.per_layer_projection_norm = GemmaRMSNorm(cfg.hidden_size_per_layer_input, cfg.rms_norm_eps,
                                                           zero_centred)
 
@@ -597,7 +597,7 @@ class GemmaTargetModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = _GemmaDecoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight   # one tensor, as in the checkpoint
         self.rotary = GemmaRotary(cfg)

@@ -4,19 +4,22 @@ Parameter names follow DeepSpec's release (`markov_head.markov_w1.weight`,
 `markov_head.markov_w2.weight`, `confidence_head.proj.weight/bias`).
 Paper §3.1 (Eq. 4-6) and §3.2.1 (Eq. 7).
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
 from .. import ops
+from .layers import Linear
 
 
 class VanillaMarkovHead(nn.Module):
     """B(x_{k-1}, .) = W1[x_{k-1}] W2: a rank-r first-order transition (Eq. 5)."""
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int):
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, output_size: Optional[int] = None):
         super().__init__()
-        self.markov_w1 = nn.Embedding(vocab_size, rank)               # weight [V, r]
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)     # weight [V, r]
+        self.markov_w1 = nn.Embedding(vocab_size, rank)                       # weight [V, r], by previous token
+        self.markov_w2 = Linear(rank, output_size or vocab_size, bias=False)  # weight [Vd, r], the draft vocabulary
 
     def prev_embeddings(self, prev_ids: torch.Tensor) -> torch.Tensor:
         return self.markov_w1(prev_ids)                              # [..., r]
@@ -35,9 +38,9 @@ class VanillaMarkovHead(nn.Module):
 class GatedMarkovHead(VanillaMarkovHead):
     """The previous-token embedding is gated by the backbone state: sigma(W_g [h_k; e]) * e."""
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int):
-        super().__init__(vocab_size, rank, hidden_size)
-        self.gate = nn.Linear(hidden_size + rank, rank)
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, output_size: Optional[int] = None):
+        super().__init__(vocab_size, rank, hidden_size, output_size)
+        self.gate = Linear(hidden_size + rank, rank)
 
     def _bias(self, hidden_k: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor:
         embed = self.markov_w1(prev_ids)
@@ -55,10 +58,10 @@ class RNNMarkovHead(VanillaMarkovHead):
     """A recurrent state over the block (Eq. 6): z_k = [s_{k-1}; W1[x_{k-1}]; h_k],
     s_k = g * s_{k-1} + (1 - g) * tanh(W_c z_k), B_k = W2 tanh(W_o z_k), g = sigma(W_g z_k)."""
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int):
-        super().__init__(vocab_size, rank, hidden_size)
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, output_size: Optional[int] = None):
+        super().__init__(vocab_size, rank, hidden_size, output_size)
         self.rank = rank
-        self.rnn_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
+        self.rnn_proj = Linear(2 * rank + hidden_size, 3 * rank)
 
     def _step(self, hidden_k, prev_ids, state):
         embed = self.markov_w1(prev_ids)
@@ -90,7 +93,7 @@ class ConfidenceHead(nn.Module):
 
     def __init__(self, input_dim: int):
         super().__init__()
-        self.proj = nn.Linear(input_dim, 1)
+        self.proj = Linear(input_dim, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features).squeeze(-1)  # confidence logits [...]

@@ -1,10 +1,42 @@
-"""Building blocks shared by the target runner and the drafts: RMSNorm, RoPE, SwiGLU MLP."""
+"""Building blocks shared by the target runner and the drafts: Linear, RMSNorm, RoPE, SwiGLU MLP."""
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import RopeConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul a backend may replace at inference (`prepare_for_inference`).
+
+    The replacement (e.g. oneDNN with prepacked weights on the CPU) is used only while it is
+    valid: no gradient is wanted, and the weight is the same tensor, unmodified, that it was
+    prepared from. Anything else (training, a reload, `.to(dtype)`) falls back to F.linear.
+    """
+    kernel = None           # (callable [M, in] -> [M, out], the weight's identity when prepared)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            fn, identity = self.kernel
+            if identity == _identity(self.weight):
+                return fn(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+            self.kernel = None
+        return F.linear(x, self.weight, self.bias)
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device
+
+
+def prepare_for_inference(model: nn.Module, backend) -> nn.Module:
+    """Give every `Linear` of a frozen model the backend's inference kernel, if it has one."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            fn = backend.inference_linear(module.weight, module.bias)
+            module.kernel = None if fn is None else (fn, _identity(module.weight))
+    return model
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +57,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .batch import KVCache, StepBatch
 from .config import TargetConfig
-from .layers import MLP, RMSNorm, Rotary, apply_rope
+from .layers import MLP, Linear, RMSNorm, Rotary, apply_rope
 
 
 def padded_queries(x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -25,22 +25,53 @@ def padded_queries(x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
     return out
 
 
+@dataclass
+class AttentionLayout:
+    """Where each token's query sits in the attention of one step, computed once per forward.
+    Keys are read either as one view of a slot span (`StepBatch.kv_span`) or gathered per
+    request; `rows` [N] is each token's row in the key tensor (the request's row in the span, or
+    the request index), `mask` [rows, 1, Qmax, L] the causal visibility, `kv_lens` the per-row
+    key bound for the backend's attention."""
+    rows: torch.Tensor
+    num_rows: int
+    mask: torch.Tensor
+    kv_lens: Optional[list]
+
+    @classmethod
+    def of(cls, batch: StepBatch, length: int) -> "AttentionLayout":
+        device = batch.input_ids.device
+        if batch.kv_span is not None:
+            num_rows = batch.kv_span[1] - batch.kv_span[0]
+            starts = batch.start_positions.new_zeros(num_rows)
+            starts[batch.kv_rows] = batch.start_positions
+            rows = batch.kv_rows[batch.token_rows]
+            kv_lens = [1] * num_rows
+            for row, bound in zip(batch.kv_rows.tolist(), batch.kv_lens or []):
+                kv_lens[row] = bound
+        else:
+            num_rows, starts, rows, kv_lens = batch.num_requests, batch.start_positions, batch.token_rows, batch.kv_lens
+        query_pos = starts.unsqueeze(1) + torch.arange(batch.max_query_len, device=device)   # [rows, Qmax]
+        mask = torch.arange(length, device=device).view(1, 1, -1) <= query_pos.unsqueeze(-1)  # [rows, Qmax, L]
+        return cls(rows, num_rows, mask.unsqueeze(1), kv_lens)
+
+
 class TargetAttention(nn.Module):
     def __init__(self, cfg: TargetConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, batch: StepBatch, cache: KVCache, backend) -> torch.Tensor:
+    def forward(self, x, cos, sin, batch: StepBatch, layout: AttentionLayout, cache: KVCache,
+                backend) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)      # [N, H, D]
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)   # [N, KVH, D]
@@ -50,15 +81,14 @@ class TargetAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(self.layer_idx, batch.token_slots, batch.positions, k, v)
 
-        keys, values = cache.read(self.layer_idx, batch.slots, batch.max_kv_len, batch.slot_range)  # [R, L, KVH, D]
-        query = padded_queries(q, batch)                                         # [R, Qmax, H, D]
-        query_pos = batch.start_positions.unsqueeze(1) + torch.arange(batch.max_query_len, device=x.device)
-        key_pos = torch.arange(keys.shape[1], device=x.device)   # max_kv_len, capped by the cache size
-        mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)                 # [R, Qmax, L] causal
+        length = layout.mask.shape[-1]
+        keys, values = cache.read(self.layer_idx, batch.slots, length, batch.kv_span or batch.slot_range)
+        query = q.new_zeros(layout.num_rows, batch.max_query_len, self.num_heads, self.head_dim)
+        query[layout.rows, batch.token_offsets] = q                              # [rows, Qmax, H, D]
         out = backend.attention(query.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                                values.transpose(1, 2).to(q.dtype), mask.unsqueeze(1), self.head_dim ** -0.5,
-                                kv_lens=batch.kv_lens)
-        out = out.transpose(1, 2)[batch.token_rows, batch.token_offsets]         # [N, H, D]
+                                values.transpose(1, 2).to(q.dtype), layout.mask, self.head_dim ** -0.5,
+                                kv_lens=layout.kv_lens)                          # [rows, H, Qmax, D]
+        out = out.transpose(1, 2)[layout.rows, batch.token_offsets]              # [N, H, D]
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -70,8 +100,8 @@ class TargetLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch, cache, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache, backend)
+    def forward(self, x, cos, sin, batch, layout, cache, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, layout, cache, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,7 +127,7 @@ class TargetModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = _Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
 
     def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
@@ -119,8 +149,10 @@ class TargetModel(nn.Module):
         wanted = {layer_id: None for layer_id in hidden_layer_ids}
         if -1 in wanted:
             wanted[-1] = x
+        # max_kv_len, capped by the cache size
+        layout = AttentionLayout.of(batch, min(batch.max_kv_len, cache.max_len))
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, batch, cache, backend)
+            x = layer(x, cos, sin, batch, layout, cache, backend)
             if i in wanted:
                 wanted[i] = x
         hidden = torch.cat([wanted[i] for i in hidden_layer_ids], dim=-1) if hidden_layer_ids else None

@@ -1,5 +1,6 @@
 """What one training step sees: token sequences, their loss mask and the frozen target's features."""
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -12,6 +13,8 @@ class TrainBatch:
     target_hidden: torch.Tensor   # [B, T, m * d] the target's selected layers (draft.config.target_layer_ids), concatenated
     target_last: torch.Tensor     # [B, T, d] the target's final hidden state after its final norm; the frozen LM
                                   # head turns it into target logits, only where a loss needs them
+    target_lse: Optional[torch.Tensor] = None   # [B, T] log-sum-exp of the target's full logits: normalises
+                                                # them over a reduced draft vocabulary (None: not needed)
 
     def __post_init__(self):
         batch, length = self.input_ids.shape

@@ -58,37 +58,102 @@ def prompt_ids(record: dict, tokenizer) -> list:
     return list(tokenizer.encode(record["prompt"]))
 
 
+REGENERATE_FORMAT = 1
+
+
+def record_key(prompt: list) -> str:
+    """A prompt's identity in a regenerated file: a hash of its token ids (not its line number,
+    so editing the prompts file never pairs a response with the wrong prompt)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(prompt)).encode()).hexdigest()[:20]
+
+
+def _read_regenerated(path: Path, settings: dict) -> set:
+    """Keys already in `path`. Its header must record the same settings; a file without a
+    dspark header (an unrelated JSONL) is refused rather than appended to."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        return set()
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("dspark_regenerate") != REGENERATE_FORMAT:
+        raise ValueError(f"{path} exists and is not a file written by `dspark regenerate`; "
+                         "choose another --out (nothing was written)")
+    recorded = header.get("settings", {})
+    differing = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in settings.items() if recorded.get(k) != v]
+    if differing:
+        raise ValueError(f"{path} holds responses generated with other settings ({'; '.join(differing)}); "
+                         "use another --out to keep both, or delete the file to start over")
+    keys = set()
+    for number, line in enumerate(lines[1:], 2):
+        try:
+            keys.add(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a regenerated record (no 'key'); "
+                             "the file is damaged or was edited by hand") from None
+    return keys
+
+
 def regenerate(engine, prompts: list, out_path, max_new_tokens: int = 256, temperature: float = 0.0,
-               batch_size: int = 16, seed: int = 0, progress=lambda message: None) -> Path:
-    """Generate the target's own responses; append {"id", "prompt_ids", "response_ids"[, "prompt",
-    "response"]} lines to `out_path`. Records already there are skipped (resume)."""
+               seed: int = 0, progress=lambda message: None) -> Path:
+    """Generate the target's own responses to `prompts` (records from `read_prompts`) and append
+    {"key", "prompt_ids", "response_ids"[, "prompt", "response"]} lines to `out_path`, each as
+    soon as its request finishes; the engine keeps its batch full (continuous batching).
+
+    The file starts with a header recording the settings. A rerun skips prompts whose key (a
+    hash of the prompt's token ids) is already there, and refuses a file written with other
+    settings or not written by dspark. Each response is sampled with a seed derived from its
+    key, so it does not depend on the order or batch it ran in. The engine's max_batch_size
+    sets how many run at once."""
     from ..params import SamplingParams
 
     out_path = Path(out_path)
-    done = set()
-    if out_path.is_file():
-        for line in out_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                done.add(json.loads(line)["id"])
-    todo = [p for p in prompts if p["id"] not in done]
-    progress(f"regenerating {len(todo)} responses ({len(done)} already in {out_path})")
-    started, finished = time.perf_counter(), 0
+    settings = {"max_new_tokens": max_new_tokens, "temperature": float(temperature), "seed": seed}
+    todo, seen, too_long = [], set(), 0
+    for record in prompts:
+        ids = prompt_ids(record, engine.tokenizer)
+        if len(ids) >= engine.max_model_len:
+            too_long += 1
+            continue
+        key = record_key(ids)
+        if key not in seen:
+            seen.add(key)
+            todo.append((record, ids, key))
+    done = _read_regenerated(out_path, settings) if out_path.is_file() else set()
+    stale = len(done - seen)
+    todo = [item for item in todo if item[2] not in done]
+    progress(f"regenerating {len(todo)} responses ({len(done) - stale} already in {out_path}"
+             + (f"; {stale} records there are for prompts not in this prompt set, kept" if stale else "") + ")"
+             + (f"; skipped {too_long} prompts longer than the context ({engine.max_model_len})" if too_long else ""))
+    if not todo:
+        return out_path
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                             seed=(seed * 1_000_003 + int(key, 16)) % 2 ** 62) for _, _, key in todo]
+    started, finished, tokens = time.perf_counter(), 0, 0
+    outputs = {index: [] for index in range(len(todo))}
     with out_path.open("a", encoding="utf-8") as sink:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            ids = [prompt_ids(p, engine.tokenizer) for p in chunk]
-            params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + p["id"])
-                      for p in chunk]
-            for record, prompt, output in zip(chunk, ids, engine.generate(ids, params)):
-                line = {"id": record["id"], "prompt_ids": prompt, "response_ids": output.token_ids}
-                if "prompt" in record:
-                    line.update(prompt=record["prompt"], response=output.text)
-                sink.write(json.dumps(line) + "\n")
+        if not done and out_path.stat().st_size == 0:
+            sink.write(json.dumps({"dspark_regenerate": REGENERATE_FORMAT, "settings": settings}) + "\n")
+        for event in engine.stream([ids for _, ids, _ in todo], params):
+            outputs[event.index] += event.token_ids
+            if not event.finished:
+                continue
+            record, ids, key = todo[event.index]
+            response = outputs.pop(event.index)
+            line = {"key": key, "prompt_ids": ids, "response_ids": response}
+            if "prompt" in record:
+                text = engine.tokenizer.decode(response, skip_special_tokens=True) if engine.tokenizer else None
+                line.update(prompt=record["prompt"], response=text)
+            sink.write(json.dumps(line) + "\n")
             sink.flush()
-            finished += len(chunk)
-            rate = finished / max(time.perf_counter() - started, 1e-9)
-            progress(f"  {finished}/{len(todo)} responses, {rate:.2f}/s, "
-                     f"ETA {(len(todo) - finished) / max(rate, 1e-9):.0f} s")
+            finished, tokens = finished + 1, tokens + len(response)
+            if finished % 25 == 0 or finished == len(todo):
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress(f"  {finished}/{len(todo)} responses, {finished / elapsed:.2f}/s, {tokens / elapsed:.0f} "
+                         f"tokens/s, ETA {(len(todo) - finished) * elapsed / finished:.0f} s")
     return out_path
 
 
@@ -108,6 +173,8 @@ def load_conversations(path, max_length: int = 1024) -> list:
         if not line.strip():
             continue
         record = json.loads(line)
+        if isinstance(record, dict) and "dspark_regenerate" in record:
+            continue                      # the header of a `dspark regenerate` file
         if "prompt_ids" not in record or "response_ids" not in record:
             raise ValueError(f"{path}:{number}: training records need 'prompt_ids' and 'response_ids' "
                              "(regenerate them with the target first)")
@@ -118,6 +185,24 @@ def load_conversations(path, max_length: int = 1024) -> list:
     if not examples:
         raise ValueError(f"{path} holds no example with at least two response tokens")
     return examples
+
+
+def select_draft_vocab(examples: list, size: int, always=()) -> tuple:
+    """The `size` most frequent response tokens (ties by id), always including `always` (the
+    end-of-sequence tokens, which end every answer). Returns (sorted target ids, the fraction
+    of response tokens they cover)."""
+    counts = torch.zeros(max(max(e.input_ids) for e in examples) + 1, dtype=torch.long)
+    for e in examples:
+        ids = torch.tensor([t for t, m in zip(e.input_ids, e.loss_mask) if m], dtype=torch.long)
+        counts += torch.bincount(ids, minlength=counts.numel())[:counts.numel()]
+    forced = sorted({int(t) for t in always})
+    order = [int(t) for t in torch.sort(counts, descending=True, stable=True).indices if int(t) not in forced]
+    chosen = sorted(forced + order[:max(0, size - len(forced))])
+    if len(chosen) < size:       # fewer distinct tokens seen than asked: fill with the lowest unused ids
+        unused = (t for t in range(size * 2 + len(counts)) if t not in set(chosen))
+        chosen = sorted(chosen + [next(unused) for _ in range(size - len(chosen))])
+    covered = int(counts[[t for t in chosen if t < counts.numel()]].sum())
+    return chosen, covered / max(int(counts.sum()), 1)
 
 
 def global_batch_indices(num_examples: int, global_batch: int, step: int, seed: int) -> list:

@@ -145,7 +145,10 @@ def eagle3_loss(draft, batch: TrainBatch, ttt_steps: int = 7, step_decay: float 
     assert batch.target_hidden.shape == (num_seq, length, 3 * d), \
         f"target_hidden must be [B, T, 3d] = [{num_seq}, {length}, {3 * d}], got {tuple(batch.target_hidden.shape)}"
     dtype = draft.fc.weight.dtype
-    head = draft.lm_head.weight.detach()                                         # [V, d] frozen
+    # [Vd, d] frozen. With a reduced draft vocabulary the target's distribution is taken over the
+    # draft tokens and renormalised there (EAGLE-3's convention): a KL towards mass the draft
+    # cannot represent would be infinite.
+    head = draft.lm_head.weight.detach()
     hiddens = ttt_hidden_states(draft, batch.input_ids, draft.fuse(batch.target_hidden), ttt_steps)
 
     # Step 0's supervised positions contain every later step's: select them once, so the

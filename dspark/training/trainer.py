@@ -23,14 +23,18 @@ import torch.distributed as dist
 import yaml
 
 from ..backends import get_backend
+from ..errors import ConfigError, DataError
 from ..yaml_config import read_config_yaml
 from ..models import load_draft, load_target, save_draft
 from ..models.checkpoint import model_dir, read_config
+from ..models.draft import default_draft_sizes
 from ..models.draft_io import init_draft
+from ..models.layers import prepare_for_inference
 from .batch import TrainBatch
-from .data import collate, global_batch_indices, load_conversations
+from .data import collate, global_batch_indices, load_conversations, select_draft_vocab
 from .features import FeatureCache, target_features
 from .losses import LossWeights, parallel_draft_loss
+from .state import STATE_FILE, load_trainer_state, save_trainer_state
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"             # fp32 | bf16 (autocast)
     num_anchors: int = 512
+    anchor_density: Optional[float] = None   # at most this fraction of a response's positions as anchors
     max_length: int = 1024
     ce_weight: float = 0.1
     l1_weight: float = 0.9
@@ -63,6 +68,14 @@ class TrainConfig:
     backend: Optional[str] = None
     features: str = "online"            # online | cached (sharded safetensors in cache_dir)
     cache_dir: Optional[str] = None     # default: <out>/feature_cache
+    # Layers a shared feature cache holds (a superset of this draft's); default: the draft's own.
+    cache_layers: Optional[list] = None
+
+    @property
+    def data_files(self) -> list:
+        """`data` is one JSONL path, a comma-separated list, or a YAML list."""
+        items = self.data if isinstance(self.data, (list, tuple)) else str(self.data).split(",")
+        return [str(item).strip() for item in items if str(item).strip()]
 
     def validate(self) -> None:
         for name in ("target", "data", "out"):
@@ -74,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"features must be 'online' or 'cached', got {self.features!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.anchor_density is not None and not 0 < self.anchor_density <= 1:
+            raise ValueError(f"anchor_density must be in (0, 1], got {self.anchor_density!r}")
         for name in ("steps", "global_batch", "micro_batch", "num_anchors", "max_length", "log_every",
                      "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -91,12 +106,14 @@ class TrainConfig:
 # ---------------------------------------------------------------------------- losses per algorithm
 def _dspark(draft, batch, backend, generators, cfg):
     return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
-                               LossWeights(cfg.ce_weight, cfg.l1_weight, cfg.confidence_weight, cfg.loss_decay))
+                               LossWeights(cfg.ce_weight, cfg.l1_weight, cfg.confidence_weight, cfg.loss_decay),
+                               anchor_density=cfg.anchor_density)
 
 
 def _dflash(draft, batch, backend, generators, cfg):
     return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
-                               LossWeights(decay=cfg.loss_decay), use_l1=False, use_confidence=False)
+                               LossWeights(decay=cfg.loss_decay), use_l1=False, use_confidence=False,
+                               anchor_density=cfg.anchor_density)
 
 
 def _eagle3(draft, batch, backend, generators, cfg):
@@ -106,7 +123,8 @@ def _eagle3(draft, batch, backend, generators, cfg):
     losses, metrics = [], {}
     for row in range(batch.input_ids.shape[0]):
         one = TrainBatch(*(t[row:row + 1] for t in (batch.input_ids, batch.loss_mask, batch.lengths,
-                                                      batch.target_hidden, batch.target_last)))
+                                                      batch.target_hidden, batch.target_last)),
+                         target_lse=None if batch.target_lse is None else batch.target_lse[row:row + 1])
         loss, metrics = eagle3_loss(draft, one, cfg.ttt_steps, cfg.ttt_decay)
         losses.append(loss)
     return torch.stack(losses), metrics
@@ -117,10 +135,16 @@ TRAINING_LOSSES = {"dspark": _dspark, "dflash": _dflash, "eagle3": _eagle3}
 
 # ---------------------------------------------------------------------------- the loop
 class Trainer:
-    def __init__(self, cfg: TrainConfig, progress=None):
+    def __init__(self, cfg: TrainConfig, progress=None, fresh: bool = False):
+        """fresh: discard an earlier run in `cfg.out` (its checkpoint, initial draft and log)
+        instead of resuming it."""
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.out)
+        if fresh:
+            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "init"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.backend = get_backend(cfg.backend)
@@ -132,7 +156,9 @@ class Trainer:
         self.target, _ = load_target(cfg.target, self.backend.device, torch.float32)
         for p in self.target.parameters():
             p.requires_grad_(False)
-        self.examples = load_conversations(cfg.data, cfg.max_length)
+        prepare_for_inference(self.target, self.backend)       # frozen: the backend's inference kernels
+        self.examples = [e for path in cfg.data_files for e in load_conversations(path, cfg.max_length)]
+        self._check_resumable()
         self.draft = self._make_draft()
         self.trainable = [p for p in self.draft.parameters() if p.requires_grad]
         if self.world > 1:
@@ -147,8 +173,8 @@ class Trainer:
         if cfg.features == "cached":
             self.cache = FeatureCache(cfg.cache_dir or self.out / "feature_cache")
             if self.is_main:
-                self.cache.build(self.target, self.backend, self.examples, self.draft.config.target_layer_ids,
-                                 progress=self.progress)
+                layers = cfg.cache_layers or self.draft.config.target_layer_ids
+                self.cache.build(self.target, self.backend, self.examples, layers, progress=self.progress)
             if self.world > 1:
                 dist.barrier()
         self.step = 0
@@ -164,7 +190,19 @@ class Trainer:
         if source is None:
             source = self.out / "init"
             if self.is_main and not (source / "config.json").is_file():
-                init_draft(cfg.target, source, algorithm=cfg.algorithm, seed=cfg.seed, **cfg.draft_options)
+                options = dict(cfg.draft_options)
+                if "draft_vocab_size" not in options:        # the default that suits the target's size
+                    options["draft_vocab_size"] = default_draft_sizes(self.target.config)["draft_vocab_size"]
+                if not options["draft_vocab_size"]:           # 0 / None: the full vocabulary
+                    options["draft_vocab_size"] = None
+                vocab_ids = None
+                size = options.get("draft_vocab_size")
+                if size is not None and size < self.target.config.vocab_size:
+                    vocab_ids, coverage = select_draft_vocab(self.examples, size, self.target.config.eos_token_ids)
+                    self.progress(f"draft vocabulary: the {size} most frequent response tokens "
+                                  f"({coverage:.2%} of response tokens)")
+                init_draft(cfg.target, source, algorithm=cfg.algorithm, seed=cfg.seed, draft_vocab_ids=vocab_ids,
+                           progress=self.progress, **options)
             if self.world > 1:
                 dist.barrier()
         draft = load_draft(model_dir(source, "draft"), self.target.config, self.target)
@@ -181,6 +219,29 @@ class Trainer:
     def _checkpoint_dir(self) -> Path:
         return self.out / "checkpoint"
 
+    # Settings that may change between a run and its resume without changing what it computes.
+    RESUME_FREE = ("steps", "log_every", "checkpoint_every", "backend", "features", "cache_dir", "micro_batch")
+
+    def _check_resumable(self) -> None:
+        """A rerun into an existing --out resumes only with the same settings; otherwise refuse and
+        name the differences (a silent resume would train something other than what was asked)."""
+        state_file = self._checkpoint_dir() / STATE_FILE
+        if not state_file.is_file():
+            if (self._checkpoint_dir() / "trainer.pt").is_file():
+                raise ConfigError(f"{self._checkpoint_dir()} holds a checkpoint in the old pickle format, which dspark "
+                                 "no longer loads (it could run code); start over with --fresh")
+            return
+        try:
+            previous = json.loads(state_file.read_text())["config"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+            raise DataError(f"{state_file} is damaged ({exc}); start over with --fresh") from None
+        current = json.loads(json.dumps(asdict(self.cfg)))
+        differing = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items()
+                     if k not in self.RESUME_FREE and previous.get(k) != v]
+        if differing:
+            raise ConfigError(f"{self.out} holds a run with other settings ({'; '.join(differing)}); resume it with "
+                             "the same settings, start over with --fresh, or choose another --out")
+
     def _save_checkpoint(self) -> None:
         if not self.is_main:
             return
@@ -188,8 +249,7 @@ class Trainer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_draft(self.draft, staging, self.base_config)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "config": asdict(self.cfg)}, staging / "trainer.pt")
+        save_trainer_state(staging, self.optimizer, self.scheduler, self.step, asdict(self.cfg))
         # Atomic for readers: the old checkpoint is replaced only once the new one is complete.
         old = self.out / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -199,15 +259,17 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
-        state_file = self._checkpoint_dir() / "trainer.pt"
-        if not state_file.is_file():
+        if not (self._checkpoint_dir() / STATE_FILE).is_file():
             return
         weights = load_draft(self._checkpoint_dir(), self.target.config, self.target).state_dict()
         self.draft.load_state_dict(weights)
-        state = torch.load(state_file, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
+        self.step = load_trainer_state(self._checkpoint_dir(), self.optimizer, self.scheduler)
+        # The log of a resumed run equals an uninterrupted one: drop what ran after the checkpoint.
+        metrics_file = self.out / "metrics.jsonl"
+        if self.is_main and metrics_file.is_file():
+            kept = [line for line in metrics_file.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            metrics_file.write_text("".join(line + "\n" for line in kept))
         self.progress(f"resumed from {self._checkpoint_dir()} at step {self.step}")
 
     # ------------------------------------------------------------------ one step
@@ -220,12 +282,13 @@ class Trainer:
         total_loss, tokens, metrics = 0.0, 0, {}
         for number, chunk in enumerate(micro_batches):
             ids, mask, lengths = collate([self.examples[i] for i in chunk], device)
+            layers = self.draft.config.target_layer_ids
             if self.cache is not None:
-                hidden, last = self.cache.load(chunk, ids.shape[1], device)
+                hidden, last, lse = self.cache.load(chunk, ids.shape[1], device, layers)
             else:
-                hidden, last = target_features(self.target, self.backend, ids, lengths,
-                                               self.draft.config.target_layer_ids)
-            batch = TrainBatch(ids, mask, lengths, hidden, last)
+                hidden, last, lse = target_features(self.target, self.backend, ids, lengths, layers,
+                                                    with_lse=self.draft.config.reduced_vocab)
+            batch = TrainBatch(ids, mask, lengths, hidden, last, lse)
             generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 10_007 + i) for i in chunk]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 per_sequence, metrics = loss_fn(self.draft, batch, self.backend, generators, cfg)
@@ -289,5 +352,5 @@ class Trainer:
         return self.out
 
 
-def train(cfg: TrainConfig, progress=None) -> Path:
-    return Trainer(cfg, progress).train()
+def train(cfg: TrainConfig, progress=None, fresh: bool = False) -> Path:
+    return Trainer(cfg, progress, fresh=fresh).train()

@@ -1,0 +1,81 @@
+"""The trainer's resumable state in a format that cannot run code when loaded.
+
+A checkpoint directory holds the draft (config.json + model.safetensors) and a
+`trainer_state/` folder with `state.json` + `optimizer.safetensors`: the optimiser's tensors (AdamW moments,
+step counts) by name in safetensors, everything else (step, param groups, the LR schedule's
+counters, the run's settings) as JSON. Nothing is unpickled: a crafted file can at worst fail
+to parse, and that failure names the file.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import DataError
+
+STATE_DIR = "trainer_state"        # a folder of its own: the draft loader reads every *.safetensors beside it
+STATE_FILE = f"{STATE_DIR}/state.json"
+TENSOR_FILE = f"{STATE_DIR}/optimizer.safetensors"
+FORMAT = 1
+
+
+def _jsonable(value):
+    """Scheduler / param-group values as JSON (tensors and tuples become lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return None                 # callables (LambdaLR's lambdas) are rebuilt by the trainer, not stored
+
+
+def save_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler, step: int, config: dict) -> None:
+    state = optimizer.state_dict()
+    (Path(directory) / STATE_DIR).mkdir(exist_ok=True)
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    save_file(tensors, str(Path(directory) / TENSOR_FILE))
+    record = {"format": FORMAT, "step": int(step), "param_groups": _jsonable(state["param_groups"]),
+              "optimizer_scalars": _jsonable(scalars), "scheduler": _jsonable(scheduler.state_dict()),
+              "config": _jsonable(config)}
+    (Path(directory) / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def load_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
+    """Restore the optimiser and the LR schedule; returns the step. Errors name the file."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != FORMAT:
+            raise ValueError(f"unknown format {record.get('format')!r}")
+        tensors = load_file(str(directory / TENSOR_FILE))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as exc:
+        raise DataError(f"the trainer state in {directory} is damaged or unreadable ({exc}); "
+                         "start over with --fresh") from None
+    entries: dict = {}
+    for key, value in list(tensors.items()) + list(record["optimizer_scalars"].items()):
+        index, name = key.split(".", 1)
+        entries.setdefault(int(index), {})[name] = value
+    groups = record["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": entries, "param_groups": groups})
+    except (ValueError, KeyError) as exc:
+        raise DataError(f"the trainer state in {directory} does not fit this draft ({exc}); start over with --fresh") \
+            from None
+    schedule = {k: v for k, v in record["scheduler"].items() if k != "lr_lambdas"}
+    scheduler.load_state_dict({**scheduler.state_dict(), **schedule})
+    return int(record["step"])
