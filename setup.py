@@ -9,7 +9,12 @@ from setuptools import setup
 PACKAGES = {
     "dspark": "dspark",
     "dspark.models": "dspark/models",
+    "dspark.models.drafts": "dspark/models/drafts",
+    "dspark.scheduling": "dspark/scheduling",
+    "dspark.engine": "dspark/engine",
     "dspark.training": "dspark/training",
+    "dspark.bench": "dspark/bench",
+    "dspark.cli": "dspark/cli",
     "dspark.conformance": "dspark/conformance",
     "dspark.backends": "backends",
     "dspark.ops": "ops",

@@ -7,12 +7,13 @@ schedule operator interface), the `cpu` reference backend, the `cuda` and
 ascend, then cuda, then cpu, detecting without initialising a device).
 
 Who may import it: `dspark.models`, the engine and everything above. It
-imports only `dspark.ops`. Device packages (torch_npu, triton) are imported
+imports only `dspark.ops` and `dspark.errors`. Device packages (torch_npu, triton) are imported
 inside the backend that needs them, when it is constructed.
 """
 import os
 from typing import Union
 
+from ..errors import ConfigError
 from .ascend import AscendBackend
 from .base import Backend, BackendUnavailableError
 from .cpu import CPUBackend
@@ -39,7 +40,7 @@ def get_backend(name: Union[str, Backend, None] = None) -> Backend:
     if key == "auto":
         return BACKENDS[available_backends()[0]]()
     if key not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} (from {source}); valid: {', '.join(list(BACKENDS) + ['auto'])}")
+        raise ConfigError(f"unknown backend {name!r} (from {source}); valid: {', '.join(list(BACKENDS) + ['auto'])}")
     return BACKENDS[key]()
 
 

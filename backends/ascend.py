@@ -125,6 +125,10 @@ class AscendBackend(Backend):
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)
 
+    def memory_limit(self):
+        query = getattr(torch.npu, "mem_get_info", None)     # absent from older releases (and the CPU stand-ins)
+        return int(query(self.device)[0]) if query is not None else None
+
     @property
     def supports_graph_updates(self) -> bool:
         """NPUGraph.update (per-replay sequence lengths for fused attention) exists only in newer

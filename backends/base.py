@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (package, toolkit or device missing)."""
+from ..errors import BackendUnavailableError, ConfigError
 
 
 class Backend:
@@ -93,6 +90,11 @@ class Backend:
         those lists here and pushes them into the graph before replaying."""
         handle.replay()
 
+    def memory_limit(self) -> Optional[int]:
+        """Bytes a new allocation can count on (free device memory; the CPU's available RAM), or
+        None when unknown. The engine checks its caches against it before allocating them."""
+        return None
+
     # --- kernels used by the models ---
     def inference_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         """A faster kernel for y = x @ weight.T + bias with frozen weights, or None (use F.linear).
@@ -131,9 +133,15 @@ class Backend:
     def verify(self, draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms):
         return ops.verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms)
 
-    def schedule(self, mode, gamma, confidence, num_requests, **options):
-        return ops.schedule(mode, gamma, confidence, num_requests,
-                            max_verify_len=self.max_verify_len(gamma), device=self.device, **options)
+    # Verify-length schedulers (the planner in dspark.scheduling decides which one a round runs).
+    def schedule_threshold(self, confidence, threshold: float):
+        return ops.schedule_threshold(confidence, threshold)
+
+    def schedule_causal(self, confidence, sps, caps=None):
+        return ops.schedule_causal(confidence, sps, caps)
+
+    def schedule_topk(self, confidence, budget: int, caps=None):
+        return ops.schedule_topk(confidence, budget, caps)
 
     # --- reporting ---
     def describe(self) -> dict:

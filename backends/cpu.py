@@ -57,6 +57,17 @@ class CPUBackend(Backend):
         super().__init__(device_index)
         tune_host_allocator()
 
+    def memory_limit(self) -> Optional[int]:
+        """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+        try:
+            with open("/proc/meminfo") as handle:
+                for line in handle:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
     def inference_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or not _onednn_linear_works():
             return None

@@ -45,6 +45,10 @@ class CUDABackend(Backend):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def memory_limit(self):
+        query = getattr(torch.cuda, "mem_get_info", None)     # absent from older releases (and the CPU stand-ins)
+        return int(query(self.device)[0]) if query is not None else None
+
     def graph_capture(self, fn):
         """CUDA graph per fixed-shape step: warm up on a side stream, capture into a memory pool
         shared by every bucket, return (graph, the captured step's output tensors)."""

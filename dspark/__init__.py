@@ -18,10 +18,9 @@ from .backends import Backend, BackendUnavailableError, available_backends, get_
 from .engine import Engine
 from .errors import CheckpointError, DraftMismatchError, DSparkError, NumericalError
 from .models import init_draft
-from .cost_model import CostModel, analytic_cost_model, device_spec
+from .scheduling import CostModel, analytic_cost_model, device_spec, schedule_prefix
 from .params import EngineConfig, GenerationOutput, SamplingParams, StreamEvent
-from .reference import reference_model_dir
-from .scheduler import schedule_prefix
+from .models import reference_model_dir
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,17 @@
-"""Errors that dspark raises for bad input. Each message says what is wrong and how to fix it."""
-from .backends import BackendUnavailableError
+"""Errors that dspark raises for bad input. Each message says what is wrong and how to fix it.
+
+The floor of the package: it imports nothing of dspark's own, so every layer can raise these.
+The CLI prints a DSparkError (or a missing file) as one line and exits with status 2; any
+other exception is a bug and keeps its traceback.
+"""
 
 
 class DSparkError(Exception):
     """Base class of dspark's own errors."""
+
+
+class BackendUnavailableError(DSparkError, RuntimeError):
+    """The requested backend cannot run here (package, toolkit or device missing)."""
 
 
 class CheckpointError(DSparkError, ValueError):

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .errors import ConfigError
 from .ops import SCHEDULE_MODES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -30,23 +31,33 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: Optional[list] = None
     ignore_eos: bool = False
+    # Stop strings: generation ends when the text contains one; the text returned stops before
+    # it (the token ids end with the token that completed it).
+    stop: Optional[list] = None
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
+            raise ConfigError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise ConfigError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2 ** 63 <= self.seed < 2 ** 64):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            if not all(isinstance(s, str) and s for s in self.stop):
+                raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            self.stop = list(self.stop)
         if self.stop_token_ids is not None:
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+                raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
             self.stop_token_ids = list(self.stop_token_ids)
 
     @property
@@ -95,29 +106,29 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.schedule not in SCHEDULE_MODES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_MODES)}")
+            raise ConfigError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_MODES)}")
         if _not_int(self.max_batch_size) or self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+            raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if self.max_model_len is not None and (_not_int(self.max_model_len) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+            raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.verify_len is not None and (_not_int(self.verify_len) or self.verify_len < 0):
-            raise ValueError(f"verify_len must be an integer >= 0, got {self.verify_len!r}")
+            raise ConfigError(f"verify_len must be an integer >= 0, got {self.verify_len!r}")
         if _not_int(self.budget_lag) or self.budget_lag < 1:
-            raise ValueError(f"budget_lag must be an integer >= 1, got {self.budget_lag!r}")
+            raise ConfigError(f"budget_lag must be an integer >= 1, got {self.budget_lag!r}")
         if self.calibration not in ("offline", "online"):
-            raise ValueError(f"calibration must be 'offline' or 'online', got {self.calibration!r}")
+            raise ConfigError(f"calibration must be 'offline' or 'online', got {self.calibration!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(kwargs) - set(valid))
         if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+            raise ConfigError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -137,8 +148,9 @@ class GenerationOutput:
     prompt_token_ids: list
     token_ids: list
     text: Optional[str] = None
-    finish_reason: str = "length"
+    finish_reason: str = "length"      # "stop" | "length" | "error" (then `error` says why)
     stats: dict = field(default_factory=dict)
+    error: Optional[str] = None
 
 
 @dataclass
@@ -149,3 +161,4 @@ class StreamEvent:
     text: Optional[str] = None
     finished: bool = False
     finish_reason: Optional[str] = None
+    error: Optional[str] = None

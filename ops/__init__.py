@@ -23,13 +23,12 @@ Vocabulary used throughout (as in the DSpark paper, §2 and §3):
 from .sampling import sample_from_probs, sampling_probs
 from .verify import PLACEHOLDER_TOKEN_ID, VerifyResult, truncate_at_stop, verify
 from .draft import markov_bias, sample_draft_block
-from .schedule import (SCHEDULE_MODES, best_budget, plan_budget, ranked_candidates, schedule, schedule_causal, schedule_fixed,
+from .schedule import (SCHEDULE_MODES, plan_budget, ranked_candidates, schedule_causal, schedule_fixed,
                        schedule_threshold, schedule_topk, survival, throughput_path)
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
     "SCHEDULE_MODES",
-    "best_budget",
     "plan_budget",
     "ranked_candidates",
     "schedule_causal",
@@ -40,7 +39,6 @@ __all__ = [
     "sample_draft_block",
     "sample_from_probs",
     "sampling_probs",
-    "schedule",
     "schedule_fixed",
     "schedule_threshold",
     "survival",

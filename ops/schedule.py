@@ -19,11 +19,13 @@ positions, while K comes from history. A retrospective global search over *curre
 survivals would look at a_{r,j+1}, which depends on x_{r,j}: that leaks the token into
 its own admission and biases the output (the test suite reproduces the paper's example).
 
+Which mode runs is decided in one place, dspark.scheduling.planner; these are its primitives.
 `sps` is a 1-D tensor: sps[B] = engine steps per second for a verify forward of B tokens
 (B counts every request's anchor); entries past its end count as 0 (not affordable).
 """
 from typing import Optional
 
+import numpy as np
 import torch
 
 SCHEDULE_MODES = ("fixed", "threshold", "causal", "budget")
@@ -99,46 +101,49 @@ def schedule_causal(
     return _lengths_from_admitted(rows, admitted, num_requests)
 
 
-def best_budget(
-    confidence: torch.Tensor,      # [R, gamma] confidences of an earlier round (history, not the current draft)
-    sps: torch.Tensor,
-    caps: Optional[torch.Tensor] = None,
-) -> int:
-    """The token budget K maximising Theta over the whole survival path (global search, no
-    break: graph buckets make SPS jagged). Safe only on confidences that do not depend on
-    the tokens being verified now."""
-    num_requests, gamma = confidence.shape
-    values, _, num_valid = ranked_candidates(survival(confidence), _caps(num_requests, gamma, caps,
-                                                                         confidence.device))
-    theta = throughput_path(values[:int(num_valid)], num_requests, sps)
-    return int(theta.argmax())                               # first maximum: the smallest such K
-
-
 def plan_budget(
-    earlier_confidence: torch.Tensor,  # [R, gamma] history (confidences `lag` rounds old)
-    sps_with_draft: torch.Tensor,      # sps[B] when the round also runs the draft
-    sps_without_draft: torch.Tensor,   # sps[B] of plain decoding (no draft round)
-    caps: Optional[torch.Tensor] = None,
+    earlier_confidence,                # [R, gamma] history (confidences `lag` rounds old), array or tensor
+    sps_with_draft,                    # sps[B] when the round also runs the draft
+    sps_without_draft=None,            # sps[B] of plain decoding (no draft round); None = never compare
+    caps=None,                         # [R] most drafts each request may verify
     early_break: bool = False,
 ) -> Optional[int]:
-    """The budget K for this round, or None when drafting does not pay at all.
+    """The token budget K for a round, or None when drafting does not pay at all (paper §5.2).
 
-    Running the draft costs time even if nothing is verified, so at high load the best
-    plan can be to skip the draft and decode plainly: compare the best Theta with a draft
-    against R * SPS_plain(R). Both use history only, so the choice is lossless. With
-    `early_break` the best point is the one Algorithm 1 would stop at (for the causal mode,
-    which cannot reach a better point behind a cliff of the cost curve)."""
-    num_requests, gamma = earlier_confidence.shape
-    values, _, num_valid = ranked_candidates(survival(earlier_confidence),
-                                             _caps(num_requests, gamma, caps, earlier_confidence.device))
-    theta = throughput_path(values[:int(num_valid)], num_requests, sps_with_draft)
-    plain = num_requests * float(sps_without_draft[num_requests]) if num_requests < len(sps_without_draft) else 0.0
+    A global search over the whole survival path of *earlier* confidences (no break: graph buckets
+    and tile sizes make SPS jagged); safe because nothing in it depends on the tokens verified now.
+    Running the draft costs time even if nothing is verified, so at high load the best plan can be
+    to skip the draft: compare the best Theta with a draft against R * SPS_plain(R). With
+    `early_break` the best point is where Algorithm 1 would stop (the causal mode, which cannot
+    reach a better point behind a cliff of the cost curve). Ties: the first maximum, the smallest K.
+
+    It runs on the host before every round, so it is written in NumPy: the same ranking as the
+    device ops, without the per-op overhead of small torch tensors."""
+    earlier = np.asarray(_host(earlier_confidence), dtype=np.float64)
+    num_requests, gamma = earlier.shape
+    with_draft = np.asarray(_host(sps_with_draft), dtype=np.float64)
+    caps = np.full(num_requests, gamma) if caps is None else np.asarray(_host(caps))
+    survival_values = np.cumprod(earlier, axis=1)
+    valid = np.arange(gamma)[None, :] < np.minimum(caps, gamma)[:, None]
+    values = np.sort(survival_values[valid])[::-1]                  # admissible survivals, descending
+    tau = num_requests + np.concatenate([[0.0], np.cumsum(np.clip(values, 0, None))])
+    batch = num_requests + np.arange(values.size + 1)
+    rate = np.where(batch < with_draft.size, with_draft[np.minimum(batch, with_draft.size - 1)], 0.0)
+    theta = tau * rate
     if early_break:
-        improves = torch.cat([theta[1:] > theta[:-1], theta.new_zeros(1, dtype=torch.bool)])
-        budget = int(improves.long().cumprod(0).sum())
+        improves = np.append(theta[1:] > theta[:-1], False)
+        budget = int(np.cumprod(improves).sum())
     else:
-        budget = int(theta.argmax())
-    return budget if float(theta[budget]) > plain else None
+        budget = int(np.argmax(theta))
+    plain = 0.0
+    if sps_without_draft is not None:
+        without = np.asarray(_host(sps_without_draft), dtype=np.float64)
+        plain = num_requests * without[num_requests] if num_requests < without.size else 0.0
+    return budget if theta[budget] > plain else None
+
+
+def _host(values):
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
 
 
 def schedule_topk(
@@ -152,42 +157,3 @@ def schedule_topk(
                                                                             confidence.device))
     admitted = torch.arange(values.numel(), device=values.device) < torch.clamp(num_valid, max=budget)
     return _lengths_from_admitted(rows, admitted, num_requests)
-
-
-def schedule(
-    mode: str,
-    gamma: int,
-    confidence: Optional[torch.Tensor],  # [R, gamma] per-position conditional confidences, or None
-    num_requests: int,
-    *,
-    length: Optional[int] = None,
-    threshold: float = 0.5,
-    sps: Optional[torch.Tensor] = None,
-    budget: Optional[int] = None,
-    caps: Optional[torch.Tensor] = None,
-    max_verify_len: Optional[int] = None,
-    device=None,
-) -> torch.Tensor:  # [R] long verify lengths in [0, gamma]
-    """Dispatch to a scheduler by name; the result respects caps and the backend's limit."""
-    if mode not in SCHEDULE_MODES:
-        raise ValueError(f"unknown schedule mode {mode!r}; valid modes: {', '.join(SCHEDULE_MODES)}")
-    if mode != "fixed" and confidence is None:
-        raise ValueError(f"the {mode!r} schedule needs a draft with a confidence head (DSpark); "
-                         "use schedule='fixed' for drafts without one")
-    if max_verify_len is not None:
-        limit = torch.full((num_requests,), max_verify_len, dtype=torch.long,
-                           device=device if confidence is None else confidence.device)
-        caps = limit if caps is None else torch.minimum(caps, limit)
-    if mode == "fixed":
-        lens = schedule_fixed(num_requests, gamma, gamma if length is None else length, device)
-    elif mode == "threshold":
-        lens = schedule_threshold(confidence, threshold)
-    elif mode == "causal":
-        if sps is None:
-            raise ValueError("the 'causal' schedule needs an SPS table (a cost model)")
-        return schedule_causal(confidence, sps, caps)
-    else:
-        if budget is None:
-            raise ValueError("the 'budget' schedule needs a token budget K (from best_budget on earlier confidences)")
-        return schedule_topk(confidence, budget, caps)
-    return lens if caps is None else torch.minimum(lens, caps.to(lens.device))

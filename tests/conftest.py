@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dspark.testing import make_agreeing_draft, make_target  # noqa: E402
+from dspark.conformance.testing import make_agreeing_draft, make_target  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ def write_llama_gguf(hf_dir, path, quantize=("ffn_up",), architecture: str = "ll
     name contains one of `quantize` are stored as Q8_0, the rest as F32."""
     import gguf
 
-    from dspark.testing import load_hf
+    from dspark.conformance.testing import load_hf
 
     model = load_hf(hf_dir)
     cfg = model.config

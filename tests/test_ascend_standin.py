@@ -11,7 +11,7 @@ import graph_standins
 from dspark.backends import CPUBackend
 from dspark.backends.ascend import UnsupportedOperationError
 from dspark.conformance import load_tolerances
-from dspark.testing import make_agreeing_draft, make_target
+from dspark.conformance.testing import make_agreeing_draft, make_target
 from graph_standins import StandInGraph, torch_npu_module
 from test_graph_standins import stand_in_backend
 
@@ -140,11 +140,11 @@ def test_capture_at_one_length_replay_at_another(monkeypatch, wide_ascend, align
     common = dict(draft=draft, dtype="float64", max_batch_size=3, max_model_len=64)
     engine = dspark.Engine.from_pretrained(target, backend=wide_ascend, graphs=True, **common)
     reference = dspark.Engine.from_pretrained(target, backend="cpu", static_shapes=True, graphs=False, **common)
-    assert engine.query_width == reference.query_width == 5
+    assert engine.verify_step.query_width == reference.verify_step.query_width == 5
     _random_caches(engine, reference)
     g = torch.Generator().manual_seed(5)
     checked = 0
-    for bucket in engine.buckets:
+    for bucket in engine.verify_step.buckets:
         for starts in ([0, 3, 1], [40, 17, 52]):
             lens = torch.randint(1, min(bucket, 5) + 1, (3,), generator=g)
             while int(lens.sum()) > bucket:
@@ -155,16 +155,16 @@ def test_capture_at_one_length_replay_at_another(monkeypatch, wide_ascend, align
             ids = torch.randint(0, 64, (num,), generator=g)
             logits = []
             for e in (engine, reference):
-                batch = e._static_batch(lens, starts, [0, 1, 2], num, bucket)
+                batch = e.verify_step.static_batch(lens, starts, [0, 1, 2], num, bucket)
                 batch.input_ids[:num] = ids
-                out = e._replay(batch, bucket) if e is engine else e.target(batch, e.target_cache, e.backend)
+                out = e.verify_step.replay(batch, bucket) if e is engine else e.target(batch, e.target_cache, e.backend)
                 logits.append(out.logits[:num])
             assert (logits[0] - logits[1]).abs().max() < 1e-10, (bucket, starts)
-            handle = engine._graphs[bucket][1]
+            handle = engine.captured_graphs[bucket][1]
             layers = len(handle.length_sources)
             if updates:
                 assert layers == 2 and handle.graph.updates[-1] == \
-                    [{"actual_seq_lengths_kv": engine._graphs[bucket][0].kv_lens}] * layers
+                    [{"actual_seq_lengths_kv": engine.captured_graphs[bucket][0].kv_lens}] * layers
             else:
                 assert layers == 0 and not handle.graph.auto_dispatch_capture
             checked += 1
@@ -183,9 +183,9 @@ def test_replay_without_the_update_would_read_stale_lengths(monkeypatch, wide_as
     lens, starts, bucket = torch.tensor([2, 3, 1]), [30, 20, 45], 8
     logits = []
     for e in (engine, reference):
-        batch = e._static_batch(lens, starts, [0, 1, 2], 6, bucket)
+        batch = e.verify_step.static_batch(lens, starts, [0, 1, 2], 6, bucket)
         batch.input_ids[:6] = torch.arange(1, 7)
-        out = e._replay(batch, bucket) if e is engine else e.target(batch, e.target_cache, e.backend)
+        out = e.verify_step.replay(batch, bucket) if e is engine else e.target(batch, e.target_cache, e.backend)
         logits.append(out.logits[:6])
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
@@ -203,8 +203,8 @@ def test_lossless_generation_through_fused_attention_graphs(monkeypatch, wide_as
     assert engine.use_graphs
     spec = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
-    assert StandInGraph.captures - before == len(engine._graphs) >= 2
-    assert sum(len(h.graph.updates) for _, h, _ in engine._graphs.values()) == len(engine.round_log)
+    assert StandInGraph.captures - before == len(engine.captured_graphs) >= 2
+    assert sum(len(h.graph.updates) for _, h, _ in engine.captured_graphs.values()) == len(engine.round_log)
     assert set(wide_ascend.attention_calls) == {"fused"}          # target, draft and prefill all fused
 
     monkeypatch.setattr(graph_standins, "FUSED_ATTENTION_DTYPES", [torch.float16, torch.bfloat16])

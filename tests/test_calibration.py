@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dspark.calibration import (OnlineSTS, auroc, brier, calibration_report, cumulative_survival,
+from dspark.scheduling.calibration import (OnlineSTS, auroc, brier, calibration_report, cumulative_survival,
                                 expected_calibration_error, fit_sts, survival_labels)
 
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from dspark.cli import main
-from dspark.cost_model import CostModel
+from dspark.scheduling.cost_model import CostModel
 
 
 def run(capsys, *argv):

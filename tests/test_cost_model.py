@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import dspark
-from dspark.cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
+from dspark.scheduling.cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
 from dspark.models import TargetConfig
-from dspark.scheduler import schedule_prefix
+from dspark.scheduling.planner import schedule_prefix
 
 QWEN3_8B = TargetConfig(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                         num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,

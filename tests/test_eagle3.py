@@ -10,8 +10,8 @@ import dspark
 from dspark import ops
 from dspark.backends import get_backend
 from dspark.models import load_draft, save_draft
-from dspark.models.eagle3 import Eagle3Draft, eagle3_target_layer_ids
-from dspark.testing import load_hf, make_target
+from dspark.models.drafts.eagle3 import Eagle3Draft, eagle3_target_layer_ids
+from dspark.conformance.testing import load_hf, make_target
 from dspark.training.batch import TrainBatch
 from dspark.training.eagle3_loss import eagle3_loss, ttt_attention_mask, ttt_hidden_states
 
@@ -107,7 +107,7 @@ def test_init_save_load_round_trip(tmp_path, target, eagle_dir):
 
     target_model, _ = dspark.models.load_target(target, CPU.device, torch.float32)
     draft = load_draft(eagle_dir, target_model.config)
-    assert isinstance(draft, Eagle3Draft) and draft.gamma == 4 and draft.confidence_head is None
+    assert isinstance(draft, Eagle3Draft) and draft.gamma == 4 and not draft.has_confidence
     torch.testing.assert_close(draft.embed_tokens.weight, target_model.model.embed_tokens.weight)
     torch.testing.assert_close(draft.lm_head.weight, target_model.lm_head.weight)
     assert not draft.embed_tokens.weight.requires_grad and not draft.lm_head.weight.requires_grad
@@ -201,7 +201,7 @@ def test_cached_chain_matches_uncached_recompute(eagle_dir):
     append(list(zip(split, lengths)))
     proposal = propose([int(t[n]) for t, n in zip(tokens, lengths)], lengths)
     assert proposal.tokens.shape == (num, gamma) and proposal.probs.shape == (num, gamma, VOCAB)
-    assert proposal.confidence is None
+    assert proposal.confidence_logits is None
 
     for r, n in enumerate(lengths):
         ids = tokens[r]                                                          # [n + 1]

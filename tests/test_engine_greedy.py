@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dspark
-from dspark.testing import load_hf
+from dspark.conformance.testing import load_hf
 
 GREEDY = dspark.SamplingParams(max_new_tokens=24, ignore_eos=True)
 
@@ -178,4 +178,4 @@ def test_graph_replay_path_reproduces_eager(bigram_qwen3):
     engine = dspark.Engine.from_pretrained(target, graphs=True, **common)
     graphed = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
-    assert len(engine._graphs) >= 2 and engine.static        # several buckets captured and reused
+    assert len(engine.captured_graphs) >= 2 and engine.static        # several buckets captured and reused

@@ -13,9 +13,9 @@ import torch
 
 import dspark
 from dspark import ops
-from dspark.cost_model import CostModel
+from dspark.scheduling.cost_model import CostModel
 from stats import chi_square_pvalue
-from dspark.testing import load_hf, make_agreeing_draft, make_target
+from dspark.conformance.testing import load_hf, make_agreeing_draft, make_target
 
 PROMPT = [1, 2, 3]
 VOCAB, LENGTH, SAMPLES = 6, 4, 12_000
@@ -114,7 +114,7 @@ def test_confidence_schedules_sample_the_exact_target_distribution(small_vocab_p
 
 
 def test_online_calibration_adapts_while_staying_lossless(bigram_qwen3):
-    from dspark.calibration import calibration_report, survival_labels
+    from dspark.scheduling.calibration import calibration_report, survival_labels
 
     target, draft = bigram_qwen3
     prompts = [[i, (3 * i) % 64, 7] for i in range(40)]
@@ -123,13 +123,16 @@ def test_online_calibration_adapts_while_staying_lossless(bigram_qwen3):
     engine = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule="threshold",
                                            threshold=0.3, calibration="online", max_batch_size=8)
     bad = [6.0] * engine.gamma                      # far too flat: every confidence pulled towards 0.5
-    engine.online_sts.temperatures = list(bad)
-    engine.draft.config.confidence_temperatures = list(bad)
-    engine.online_sts.refit_every, engine.online_sts.min_rows = 8, 64
+    online = engine.online_sts[True]                # these rounds are greedy
+    online.temperatures = list(bad)
+    engine.sts.greedy = list(bad)
+    online.refit_every, online.min_rows = 8, 64
+    stored = list(engine.draft.config.confidence_temperatures or [])
     outputs = engine.generate(prompts, greedy)
     assert [o.token_ids for o in outputs] == [p.token_ids for p in plain]
-    adapted = engine.draft.config.confidence_temperatures
-    assert adapted != bad and engine.online_sts.rounds > 8
+    adapted = engine.sts.greedy
+    assert adapted != bad and online.rounds > 8
+    assert list(engine.draft.config.confidence_temperatures or []) == stored     # the draft is never rewritten
     records = [r for r in engine.round_log if "confidence_logits" in r]
     logits = torch.cat([r["confidence_logits"] for r in records])
     labels, known = survival_labels(torch.cat([r["verify_lens"] for r in records]),

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dspark
-from dspark import CheckpointError, DraftMismatchError, NumericalError, SamplingParams
-from dspark.testing import make_target
+from dspark import CheckpointError, DraftMismatchError, SamplingParams
+from dspark.conformance.testing import make_target
 
 
 def test_missing_and_wrong_paths(tmp_path, qwen3_target):
@@ -122,13 +122,20 @@ def test_bad_prompts_fail_before_any_work(qwen3_target):
     assert len(engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3
 
 
-def test_nan_logits_are_reported(tmp_path, qwen3_target, random_draft):
+def test_nan_logits_fail_that_request_alone(tmp_path, qwen3_target, random_draft):
+    """A request whose logits turn NaN (here: its prompt holds a token whose embedding is NaN)
+    ends with finish_reason "error" and the reason; the requests beside it are unaffected."""
     poisoned = tmp_path / "nan"
     shutil.copytree(qwen3_target, poisoned)
     weights = load_file(str(poisoned / "model.safetensors"))
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    weights["model.embed_tokens.weight"][63] = float("nan")
     save_file(weights, str(poisoned / "model.safetensors"))
+    prompts = [[1, 2, 3], [5, 63, 7], [9, 8]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     for draft in (None, random_draft):
-        engine = dspark.Engine.from_pretrained(poisoned, draft=draft)
-        with pytest.raises(NumericalError, match="NaN or infinite logits"):
-            engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+        clean = dspark.Engine.from_pretrained(qwen3_target, draft=draft).generate([prompts[0], prompts[2]], params)
+        outputs = dspark.Engine.from_pretrained(poisoned, draft=draft, max_batch_size=3).generate(prompts, params)
+        assert outputs[1].finish_reason == "error" and "NaN or infinite logits" in outputs[1].error
+        assert [outputs[0].token_ids, outputs[2].token_ids] == [c.token_ids for c in clean]
+        assert outputs[0].finish_reason == outputs[2].finish_reason == "length"
+

@@ -82,7 +82,7 @@ def load_hf(path, dtype=torch.float32):
 
 
 def make_agreeing_draft(target_dir, out_dir, block_size=4) -> str:
-    """`dspark.testing.make_agreeing_draft` for Gemma: a DSpark draft whose Markov head holds the
+    """`dspark.conformance.testing.make_agreeing_draft` for Gemma: a DSpark draft whose Markov head holds the
     target's (soft-capped) logits for a lone token, its backbone output zeroed."""
     target = load_hf(target_dir)
     vocab = target.config.vocab_size

@@ -51,7 +51,7 @@ def test_backend_graph_code_replays_like_eager(monkeypatch, bigram_qwen3, which)
     assert engine.use_graphs and engine.static                  # graphs are on by default for this backend
     outputs = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
-    graphs = [getattr(handle, "graph", handle) for _, handle, _ in engine._graphs.values()]
+    graphs = [getattr(handle, "graph", handle) for _, handle, _ in engine.captured_graphs.values()]
     assert StandInGraph.captures - before == len(graphs) >= 2   # one capture per bucket, then replays only
     assert all(isinstance(g, StandInGraph) and g.records for g in graphs)
 

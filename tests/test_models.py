@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 import dspark
 from dspark.backends import get_backend
 from dspark.models import StepBatch, load_draft, load_target
-from dspark.models.draft import default_target_layer_ids
-from dspark.testing import load_hf, make_target
+from dspark.models.drafts.config import default_target_layer_ids
+from dspark.conformance.testing import load_hf, make_target
 
 CPU = get_backend("cpu")
 
@@ -122,9 +122,10 @@ def test_draft_save_load_round_trip_and_proposal_shapes(tmp_path, qwen3_target, 
     assert torch.equal(first.tokens, second.tokens)
     torch.testing.assert_close(first.probs, second.probs)
     if algorithm == "dspark":
-        assert first.confidence.shape == (1, 5) and ((first.confidence > 0) & (first.confidence < 1)).all()
+        assert first.confidence_logits.shape == (1, 5) and torch.isfinite(first.confidence_logits).all()
+        torch.testing.assert_close(first.confidence_logits, second.confidence_logits)
     else:
-        assert first.confidence is None and again.config.anchor_as_first is False
+        assert first.confidence_logits is None and again.config.anchor_as_first is False
 
 
 def test_markov_head_changes_the_next_position_given_the_previous_token(tmp_path, qwen3_target):

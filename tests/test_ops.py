@@ -135,16 +135,21 @@ def test_verify_sampled_is_exact_and_a_broken_verifier_is_caught(verify_len):
 
 
 def test_schedule_modes():
+    from dspark.backends import Backend
+    from dspark.scheduling.planner import verify_lengths
+
     confidence = torch.tensor([[0.9, 0.9, 0.5, 0.9], [0.4, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    assert ops.schedule("fixed", 4, confidence, 3, length=2).tolist() == [2, 2, 2]
-    assert ops.schedule("fixed", 4, None, 3, length=9).tolist() == [4, 4, 4]
+    caps, reference = torch.tensor([4, 4, 4]), Backend()
+    assert verify_lengths("fixed", reference, confidence, caps, verify_len=2)[0].tolist() == [2, 2, 2]
+    assert verify_lengths("fixed", reference, None, caps, verify_len=9)[0].tolist() == [4, 4, 4]
     # survival: [0.9, 0.81, 0.405, ...], [0.4, ...], [1, 1, 1, 1]
-    assert ops.schedule("threshold", 4, confidence, 3, threshold=0.5).tolist() == [2, 0, 4]
-    assert ops.schedule("threshold", 4, confidence, 3, threshold=0.5, max_verify_len=3).tolist() == [2, 0, 3]
-    with pytest.raises(ValueError, match="valid modes: fixed, threshold, causal, budget"):
-        ops.schedule("psychic", 4, confidence, 3)
+    assert verify_lengths("threshold", reference, confidence, caps, threshold=0.5)[0].tolist() == [2, 0, 4]
+    assert verify_lengths("threshold", reference, confidence, torch.tensor([3, 3, 3]),
+                          threshold=0.5)[0].tolist() == [2, 0, 3]
+    with pytest.raises(ValueError, match="valid: fixed, threshold, causal, budget"):
+        verify_lengths("psychic", reference, confidence, caps)
     with pytest.raises(ValueError, match="confidence head"):
-        ops.schedule("threshold", 4, None, 3)
+        verify_lengths("threshold", reference, None, caps)
 
 
 def test_truncate_at_stop_keeps_the_stop_token_and_ignores_padding():

@@ -8,14 +8,14 @@ import torch
 
 import dspark
 from dspark.bench import LosslessError, LosslessLedger, Models, load_prompt_sets
-from dspark.bench_report import BEGIN, END, splice_markdown
+from dspark.bench.report import BEGIN, END, splice_markdown
 from dspark.params import SamplingParams
-from dspark.reference import REFERENCE_MODELS, reference_build_info, reference_model_dir
+from dspark.models.reference import TINY_MODELS, reference_build_info, reference_model_dir
 
 
 def test_every_reference_model_is_shipped_and_small():
     sizes = {}
-    for name in REFERENCE_MODELS:
+    for name in TINY_MODELS:
         directory = reference_model_dir(name)
         assert (directory / "config.json").is_file() and (directory / "model.safetensors").is_file()
         sizes[name] = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
@@ -25,7 +25,7 @@ def test_every_reference_model_is_shipped_and_small():
 
 
 def test_unknown_reference_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="valid: target, dspark"):
+    with pytest.raises(ValueError, match="valid: smollm2, smollm2-dspark"):
         reference_model_dir("medusa")
 
 

@@ -20,7 +20,7 @@ def appendix_confidence(first_draft_token: int) -> torch.Tensor:
 
 def retrospective_global(confidence, sps, caps=None):
     """The lossy scheduler the paper warns about: global argmax over the *current* survivals."""
-    budget = ops.best_budget(confidence, sps, caps)
+    budget = ops.plan_budget(confidence, sps, caps=caps) or 0
     return ops.schedule_topk(confidence, budget, caps)
 
 
@@ -55,7 +55,7 @@ def test_appendix_a_global_search_is_biased_and_causal_and_budget_are_exact():
 
     def budget(confidence, index):
         earlier = appendix_confidence(int(torch.rand(1, generator=history) < 0.5))
-        return ops.schedule_topk(confidence, ops.best_budget(earlier, SPS))
+        return ops.schedule_topk(confidence, ops.plan_budget(earlier, SPS) or 0)
 
     counts, lens = first_token_frequencies(budget)
     assert set(lens.tolist()) == {0, 2}        # both budgets occurred
@@ -99,7 +99,7 @@ def test_causal_stops_short_of_the_global_optimum_on_a_jagged_curve():
     confidence = torch.tensor([[0.95, 0.95, 0.95, 0.95]])
     sps = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.5, 0.5])   # one cliff, then flat (a graph bucket)
     assert ops.schedule_causal(confidence, sps).tolist() == [0]
-    assert ops.best_budget(confidence, sps) == 4
+    assert ops.plan_budget(confidence, sps) == 4
 
 
 def test_budget_admits_exactly_the_top_k_survivals():
@@ -126,19 +126,19 @@ def test_ties_break_by_position_so_prefixes_stay_contiguous():
 
 
 def test_dispatcher_respects_the_backend_limit():
+    from dspark import schedule_prefix
+
     confidence = torch.full((2, 8), 0.99)
     sps = 1.0 / (1.0 + 0.01 * torch.arange(40).double())
-    for mode, options in (("fixed", {}), ("threshold", {"threshold": 0.1}), ("causal", {"sps": sps}),
-                          ("budget", {"budget": 16})):
-        lens = ops.schedule(mode, 8, confidence, 2, max_verify_len=5, **options)
+    for mode, options in (("fixed", {}), ("threshold", {"threshold": 0.1}), ("causal", {}), ("budget", {"budget": 16})):
+        lens = schedule_prefix(confidence, sps, mode, max_verify_len=5, **options)
         assert lens.max() <= 5, mode
 
 
-def test_host_planner_matches_the_reference_op():
-    import numpy as np
-
-    from dspark.scheduler import plan_budget_host
-
+def test_budget_planner_matches_a_brute_force_search():
+    """plan_budget against the definition: K maximising (R + sum of the K best admissible earlier
+    survivals) * SPS(R + K), first maximum; None when plain decoding's R * SPS_plain(R) is no worse;
+    with early_break, the first K after which Theta stops improving."""
     generator = torch.Generator().manual_seed(11)
     for _ in range(200):
         num_requests = int(torch.randint(1, 6, (1,), generator=generator))
@@ -150,10 +150,20 @@ def test_host_planner_matches_the_reference_op():
                             0.05 * torch.arange(size, dtype=torch.float64))
         with_draft[0] = 0
         without = with_draft * (1 + torch.rand(1, generator=generator).item())
-        for early_break in (False, True):
-            expected = ops.plan_budget(earlier, with_draft, without, caps, early_break)
-            got = plan_budget_host(earlier.numpy(), with_draft.numpy(), without.numpy(), caps.numpy(), early_break)
-            assert got == expected
+        survival = earlier.cumprod(dim=1)
+        values = sorted((float(survival[r, j]) for r in range(num_requests) for j in range(int(caps[r]))),
+                        reverse=True)
+        theta = [(num_requests + sum(values[:k])) * (float(with_draft[num_requests + k])
+                                                     if num_requests + k < size else 0.0)
+                 for k in range(len(values) + 1)]
+        plain = num_requests * float(without[num_requests])
+        best = max(range(len(theta)), key=lambda k: (theta[k], -k))
+        first_stop = next((k for k in range(len(theta) - 1) if not theta[k + 1] > theta[k]), len(theta) - 1)
+        for early_break, k in ((False, best), (True, first_stop)):
+            expected = k if theta[k] > plain else None
+            assert ops.plan_budget(earlier, with_draft, without, caps, early_break) == expected
+            assert ops.plan_budget(earlier.numpy(), with_draft.numpy(), without.numpy(), caps.numpy(),
+                                   early_break) == expected      # NumPy arrays as well as tensors
 
 
 def test_plan_with_early_break_skips_drafting_behind_a_cliff():

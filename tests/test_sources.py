@@ -10,7 +10,7 @@ import dspark
 from dspark.errors import CheckpointError
 from dspark.models import StepBatch, load_target
 from dspark.models import sources
-from dspark.testing import make_target
+from dspark.conformance.testing import make_target
 
 from gguf_files import write_llama_gguf
 

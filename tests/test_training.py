@@ -14,10 +14,11 @@ import yaml
 
 import dspark
 from dspark.errors import DSparkError
-from dspark.models.draft import block_attention_mask
-from dspark.testing import make_target
+from dspark.models.drafts.dspark import block_attention_mask
+from dspark.conformance.testing import make_target
 from dspark.training import TrainBatch, TrainConfig, Trainer, train
-from dspark.training.data import global_batch_indices, load_conversations, read_prompts, regenerate
+from dspark.prompts import read_prompts
+from dspark.training.data import global_batch_indices, load_conversations, regenerate
 from dspark.training.losses import LossWeights, block_targets, parallel_draft_loss, position_weights, sample_anchors
 
 CPU = dspark.get_backend("cpu")
@@ -134,7 +135,7 @@ def test_reduced_vocabulary_loss_uses_the_full_target_normaliser():
     # Target vocabulary 4, draft vocabulary = target ids [0, 2, 3] (d2t = [0, 1, 1]). Tokens
     # [0, 2, 1, 3]: the label 1 at position 2 is outside the draft vocabulary, so CE skips it
     # and the total variation counts the target's mass on token 1 as mismatch.
-    from dspark.models.draft import DraftVocab
+    from dspark.models.drafts import DraftVocab
 
     class ReducedStub(StubDraft):
         def __init__(self, hidden, confidence_logits):
@@ -348,7 +349,7 @@ def test_train_config_rejects_unknown_keys(tmp_path):
     path.write_text("target: x\ndata: y\nout: z\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown key\\(s\\) learning_rate"):
         TrainConfig.from_yaml(path)
-    with pytest.raises(ValueError, match="unknown algorithm 'medusa'"):
+    with pytest.raises(ValueError, match="unknown draft algorithm 'medusa'; valid: dspark, dflash, eagle3"):
         TrainConfig.from_yaml(None, target="x", data="y", out="z", algorithm="medusa")
 
 

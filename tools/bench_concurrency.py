@@ -3,7 +3,7 @@
     python tools/bench_concurrency.py [--workdir DIR] [--concurrency 1,2,4,8,16,32] [--max-new-tokens 48]
                                       [--out docs/bench_concurrency] [--backend cpu]
 
-Builds (or reuses) the synthetic target + DSpark draft pair from dspark.testing, measures
+Builds (or reuses) the synthetic target + DSpark draft pair from dspark.conformance.testing, measures
 a cost profile with `profile_engine` (what `dspark calibrate` does), then at each
 concurrency C decodes C random prompts together, greedy, with: no speculation, fixed
 verify lengths, threshold, causal and budget. The modes are timed round-robin, `--repeats`
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import dspark
-from dspark.profiling import profile_engine
-from dspark.testing import synthetic_pair
+from dspark.bench.profiling import profile_engine
+from dspark.conformance.testing import synthetic_pair
 
 
 def measure(engine, prompts, params, cost):

@@ -2,7 +2,7 @@
 
     python tools/bench_training.py [--workdir DIR] [--steps 20] [--out docs/bench_training]
 
-Uses the synthetic Qwen3 target from dspark.testing (hidden 512, 8 layers, vocabulary
+Uses the synthetic Qwen3 target from dspark.conformance.testing (hidden 512, 8 layers, vocabulary
 2048), regenerates 64 responses with it through the engine, then trains a DSpark, a
 DFlash and an EAGLE-3 draft for `--steps` steps each (global batch 8, micro-batch 4,
 block 7, 64 anchors per sequence, fp32, online target features) and reports the
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import dspark
-from dspark.testing import synthetic_pair
+from dspark.conformance.testing import synthetic_pair
 from dspark.training import TrainConfig, train
 from dspark.training.data import regenerate
 

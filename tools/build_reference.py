@@ -1,4 +1,4 @@
-"""Build the reference models shipped in dspark/reference_models/ (see dspark.reference).
+"""Build the reference models shipped in dspark/reference_models/ (see dspark.models.reference).
 
 Every stage is seeded and logged; a stage whose output exists is skipped, so an interrupted
 build resumes (`--redo STAGE` rebuilds one stage and everything after it). Stages:
@@ -246,7 +246,7 @@ DRAFT_SETTINGS = {
 def build_drafts(work: Path, out: Path, steps_override=None, algorithms=None, previous=None) -> dict:
     from dspark.models import load_draft, load_target
     from dspark.models.checkpoint import save_weights
-    from dspark.models.draft_io import SHARED_WITH_TARGET
+    from dspark.models.drafts.io import SHARED_WITH_TARGET
     from dspark.training import TrainConfig, Trainer
 
     report = {k: v for k, v in (previous or {}).items() if k in DRAFT_SETTINGS}   # drafts not rebuilt now
@@ -276,8 +276,8 @@ def build_drafts(work: Path, out: Path, steps_override=None, algorithms=None, pr
 
 def fit_sts(work: Path, out: Path, count: int) -> dict:
     import dspark
-    from dspark.calibration import fit_from_engine
-    from dspark.training.data import prompt_ids
+    from dspark.bench.sts import fit_from_engine
+    from dspark.prompts import prompt_ids
 
     engine = dspark.Engine.from_pretrained(out / "target", draft=out / "dspark", backend="cpu", max_batch_size=16,
                                            schedule="fixed")

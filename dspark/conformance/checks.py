@@ -193,19 +193,19 @@ def check_draft_block(backend: Backend, dtype: torch.dtype, tol: dict):
 
 
 def check_schedule(backend: Backend, dtype: torch.dtype, tol: dict):
+    """The backend's schedulers (threshold, causal, top-K) against the reference ops."""
     g = _generator(8)
     confidence = torch.rand(6, 5, generator=g)
     sps = 1.0 / (1.0 + 0.05 * torch.arange(40, dtype=torch.float64))
     caps = torch.randint(0, 6, (6,), generator=g)
     d = backend.device
-    pairs = []
-    for mode, options in (("fixed", {"length": 3}), ("threshold", {"threshold": 0.3}), ("causal", {"sps": sps}),
-                          ("budget", {"budget": 7})):
-        reference = ops.schedule(mode, 5, confidence, 6, caps=caps, **options)
-        device_options = {k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
-        got = backend.schedule(mode, 5, confidence.to(d), 6, caps=caps.to(d), **device_options)
-        pairs.append(torch.equal(got.cpu(), reference))
-    return all(pairs), "fixed, threshold, causal and budget lengths bit-exact"
+    pairs = [
+        torch.equal(backend.schedule_threshold(confidence.to(d), 0.3).cpu(), ops.schedule_threshold(confidence, 0.3)),
+        torch.equal(backend.schedule_causal(confidence.to(d), sps.to(d), caps.to(d)).cpu(),
+                    ops.schedule_causal(confidence, sps, caps)),
+        torch.equal(backend.schedule_topk(confidence.to(d), 7, caps.to(d)).cpu(), ops.schedule_topk(confidence, 7, caps)),
+    ]
+    return all(pairs), "threshold, causal and top-K lengths bit-exact"
 
 
 def check_generation(backend: Backend, dtype: torch.dtype, tol: dict):
@@ -213,7 +213,7 @@ def check_generation(backend: Backend, dtype: torch.dtype, tol: dict):
     matches the CPU float64 reference up to the first near-tie."""
     from ..engine import Engine
     from ..params import SamplingParams
-    from ..testing import make_agreeing_draft, make_target
+    from .testing import make_agreeing_draft, make_target
 
     with tempfile.TemporaryDirectory() as work:
         target = make_target(Path(work) / "t", "qwen3", seed=3, context_scale=0.15, logit_scale=8.0)
@@ -234,7 +234,7 @@ def _generation_against_eager(backend: Backend, dtype: torch.dtype, **path):
     graphs): speculative == plain in `dtype`, and in float64 the same tokens as the eager path."""
     from ..engine import Engine
     from ..params import SamplingParams
-    from ..testing import make_agreeing_draft, make_target
+    from .testing import make_agreeing_draft, make_target
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [60], [5, 5]]
@@ -266,7 +266,7 @@ def check_graph_replay(backend: Backend, dtype: torch.dtype, tol: dict):
     tokens all sit in the scratch slot, then replayed twice with real requests of other
     lengths and positions (the update test); its logits must match the eager step's."""
     from ..engine import Engine
-    from ..testing import make_target
+    from .testing import make_target
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     g = _generator(9)
@@ -277,7 +277,7 @@ def check_graph_replay(backend: Backend, dtype: torch.dtype, tol: dict):
                                         max_model_len=64)
         eager = Engine.from_pretrained(target, backend=backend, dtype=name, static_shapes=True, graphs=False,
                                        max_batch_size=3, max_model_len=64)
-        for bucket in engine.buckets:
+        for bucket in engine.verify_step.buckets:
             for _ in range(2):
                 lens = torch.randint(1, max(2, bucket // 3 + 1), (3,), generator=g).clamp(max=bucket // 3 or 1)
                 num = int(lens.sum())
@@ -287,9 +287,9 @@ def check_graph_replay(backend: Backend, dtype: torch.dtype, tol: dict):
                 ids = torch.randint(0, 64, (num,), generator=g)
                 outs = []
                 for e in (engine, eager):
-                    batch = e._static_batch(lens.to(backend.device), starts, [0, 1, 2], num, bucket)
+                    batch = e.verify_step.static_batch(lens.to(backend.device), starts, [0, 1, 2], num, bucket)
                     batch.input_ids[:num] = ids.to(backend.device)
-                    out = e._replay(batch, bucket) if e is engine else e.target(batch, e.target_cache, backend)
+                    out = e.verify_step.replay(batch, bucket) if e is engine else e.target(batch, e.target_cache, backend)
                     outs.append(out.logits[:num].float().cpu())
                 worst = max(worst, float((outs[0] - outs[1]).abs().max()))
             buckets += 1

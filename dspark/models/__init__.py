@@ -1,23 +1,28 @@
-"""Models: the target runner, the static KV cache, and the drafts.
+"""Models: the target runners, the static KV cache, the drafts, and where checkpoints come from.
 
-What lives here: `TargetModel` (Qwen3 / Qwen2 / Llama) and `GemmaTargetModel` (Gemma 3 /
-Gemma 4 text) over flattened variable-length batches, `StepBatch` and `KVCache`, the DSpark-family drafts
-with their heads and algorithm registry, and checkpoint reading/writing.
-Device work goes through the backend object passed into each forward.
+What lives here: `batch` (`StepBatch`, one flattened variable-length step, and `KVCache`),
+`layers` (Linear, RMSNorm, RoPE, MLP), `config` / `target` (Qwen3 / Qwen2 / Llama) and
+`gemma_config` / `gemma` (Gemma 3 / Gemma 4 text), `drafts/` (the Draft interface, the algorithm
+registry and the DSpark / DFlash / EAGLE-3 drafts), `checkpoint` (reading and writing
+Hugging Face directories), `sources` (GGUF files and known model names, converted once into a
+cache) and `reference` (the built-in models). Device work goes through the backend object
+passed into each forward.
 
-Who may import it: the engine, the public API, the CLI, training and
-benchmarks. It imports `dspark.ops`, `dspark.backends` (for the interface only)
-and `dspark.errors`.
+Who may import it: the engine and everything above it. It imports `dspark.ops`,
+`dspark.backends` (for the interface only) and `dspark.errors`.
 """
 from .batch import KVCache, StepBatch
 from .checkpoint import load_target, load_tokenizer
 from .config import TargetConfig
-from .draft import DRAFT_ALGORITHMS, DraftConfig, DraftProposal, DSparkDraft, register_draft_algorithm
-from .draft_io import init_draft, load_draft, save_draft
-from .gemma import GemmaConfig, GemmaTargetModel
+from .drafts import (DRAFT_ALGORITHMS, Draft, DraftAlgorithm, DraftConfig, DraftProposal, DSparkDraft, Eagle3Draft,
+                     draft_algorithm, init_draft, load_draft, register_draft_algorithm, save_draft)
+from .gemma import GemmaTargetModel
+from .gemma_config import GemmaConfig
+from .reference import reference_model_dir
+from .sources import resolve_model
 from .target import TargetModel, TargetOutput
 
-__all__ = ["DRAFT_ALGORITHMS", "DSparkDraft", "GemmaConfig", "GemmaTargetModel", "DraftConfig", "DraftProposal", "KVCache", "StepBatch",
-           "TargetConfig", "TargetModel", "TargetOutput", "init_draft", "load_draft", "load_target",
-           "load_tokenizer", "register_draft_algorithm", "save_draft"]
-from . import eagle3  # registers the "eagle3" draft algorithm
+__all__ = ["DRAFT_ALGORITHMS", "DSparkDraft", "Draft", "DraftAlgorithm", "DraftConfig", "DraftProposal", "Eagle3Draft",
+           "GemmaConfig", "GemmaTargetModel", "KVCache", "StepBatch", "TargetConfig", "TargetModel", "TargetOutput",
+           "draft_algorithm", "init_draft", "load_draft", "load_target", "load_tokenizer", "reference_model_dir",
+           "register_draft_algorithm", "resolve_model", "save_draft"]

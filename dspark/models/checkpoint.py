@@ -134,7 +134,7 @@ def target_config(hf: dict, source: str = "config.json"):
     """The runner config for a target's config.json: a `GemmaConfig` for Gemma 3 / Gemma 4 text
     models (also inside a multimodal wrapper's text_config), else a `TargetConfig`."""
     from .config import TargetConfig
-    from .gemma import GemmaConfig, gemma_text_config
+    from .gemma_config import GemmaConfig, gemma_text_config
 
     if gemma_text_config(hf) is not None:
         return GemmaConfig.from_hf(hf, source)
@@ -143,7 +143,8 @@ def target_config(hf: dict, source: str = "config.json"):
 
 def load_target(path: PathLike, device: torch.device, dtype: torch.dtype):
     """Build the target runner from a checkpoint directory. Returns (model, tokenizer)."""
-    from .gemma import GemmaConfig, GemmaTargetModel, gemma_text_config, gemma_text_weights
+    from .gemma import GemmaTargetModel, gemma_text_weights
+    from .gemma_config import GemmaConfig, gemma_text_config
     from .target import TargetModel
 
     directory = model_dir(path, "target")

@@ -10,6 +10,6 @@ Who may import it: the CLI and tools. It imports the models, the backends and th
 (for regeneration); nothing below imports it.
 """
 from .batch import TrainBatch
-from .trainer import TRAINING_LOSSES, TrainConfig, Trainer, train
+from .trainer import TrainConfig, Trainer, train, training_loss
 
-__all__ = ["TRAINING_LOSSES", "TrainBatch", "TrainConfig", "Trainer", "train"]
+__all__ = ["TrainBatch", "TrainConfig", "Trainer", "train", "training_loss"]

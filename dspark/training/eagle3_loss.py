@@ -183,4 +183,18 @@ def eagle3_loss(draft, batch: TrainBatch, ttt_steps: int = 7, step_decay: float 
     return loss, metrics
 
 
-__all__ = ["eagle3_loss", "ttt_attention", "ttt_attention_mask", "ttt_hidden_states", "ttt_visibility"]
+def eagle3_training_loss(draft, batch: TrainBatch, backend, generators: list, cfg):
+    """The registry's loss for "eagle3": EAGLE-3's loss is a batch mean, so it is taken one
+    sequence at a time, which keeps every batch split exact (per-sequence losses [B], metrics)."""
+    losses, metrics = [], {}
+    for row in range(batch.input_ids.shape[0]):
+        one = TrainBatch(*(t[row:row + 1] for t in (batch.input_ids, batch.loss_mask, batch.lengths,
+                                                      batch.target_hidden, batch.target_last)),
+                         target_lse=None if batch.target_lse is None else batch.target_lse[row:row + 1])
+        loss, metrics = eagle3_loss(draft, one, cfg.ttt_steps, cfg.ttt_decay)
+        losses.append(loss)
+    return torch.stack(losses), metrics
+
+
+__all__ = ["eagle3_loss", "eagle3_training_loss", "ttt_attention", "ttt_attention_mask", "ttt_hidden_states",
+           "ttt_visibility"]

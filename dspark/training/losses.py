@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..models.draft import DraftVocab
+from ..models.drafts.vocab import DraftVocab
 from .batch import TrainBatch
 
 
@@ -230,3 +230,17 @@ def parallel_draft_loss(draft, batch: TrainBatch, backend, generators: list, num
         metrics["acc_first"] = float(hits[..., 0].sum() / valid[..., 0].sum().clamp(min=1))
         metrics["supervised"] = int(valid.sum())
     return per_sequence, metrics
+
+
+def dspark_loss(draft, batch: TrainBatch, backend, generators: list, cfg):
+    """The DSpark objective with a TrainConfig's weights (the registry's loss for "dspark")."""
+    return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
+                               LossWeights(cfg.ce_weight, cfg.l1_weight, cfg.confidence_weight, cfg.loss_decay),
+                               anchor_density=cfg.anchor_density)
+
+
+def dflash_loss(draft, batch: TrainBatch, backend, generators: list, cfg):
+    """DFlash: the parallel backbone's CE alone (the registry's loss for "dflash")."""
+    return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
+                               LossWeights(decay=cfg.loss_decay), use_l1=False, use_confidence=False,
+                               anchor_density=cfg.anchor_density)

@@ -1,6 +1,6 @@
 """The draft trainer: `dspark train`.
 
-One loop for every algorithm in TRAINING_LOSSES (dspark, dflash, eagle3). The frozen
+One loop for every registered draft algorithm; each brings its loss (`DraftAlgorithm.loss`). The frozen
 target runs inside each step (online features: nothing is cached unless asked). Each
 optimiser step consumes one global batch of sequences, fixed by the step number and the
 seed, split across processes (`torchrun`; gradients all-reduced over gloo on CPU, the backend's
@@ -8,6 +8,7 @@ collective on accelerators) and across gradient-accumulation micro-batches. Ever
 per-sequence losses and every random draw is seeded per (step, sequence), so the result
 does not depend on how the batch is split, and a resumed run repeats an uninterrupted one.
 """
+import importlib
 import json
 import math
 import os
@@ -27,13 +28,13 @@ from ..errors import ConfigError, DataError
 from ..yaml_config import read_config_yaml
 from ..models import load_draft, load_target, save_draft
 from ..models.checkpoint import model_dir, read_config
-from ..models.draft import default_draft_sizes
-from ..models.draft_io import init_draft
+from ..models.drafts.base import draft_algorithm
+from ..models.drafts.config import default_draft_sizes
+from ..models.drafts.io import init_draft
 from ..models.layers import prepare_for_inference
 from .batch import TrainBatch
 from .data import collate, global_batch_indices, load_conversations, select_draft_vocab
 from .features import FeatureCache, target_features
-from .losses import LossWeights, parallel_draft_loss
 from .state import STATE_FILE, load_trainer_state, save_trainer_state
 
 
@@ -81,8 +82,7 @@ class TrainConfig:
         for name in ("target", "data", "out"):
             if not getattr(self, name):
                 raise ValueError(f"train config needs '{name}'")
-        if self.algorithm not in TRAINING_LOSSES:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(TRAINING_LOSSES)}")
+        draft_algorithm(self.algorithm)          # an unknown name lists the registered ones
         if self.features not in ("online", "cached"):
             raise ValueError(f"features must be 'online' or 'cached', got {self.features!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -104,33 +104,11 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- losses per algorithm
-def _dspark(draft, batch, backend, generators, cfg):
-    return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
-                               LossWeights(cfg.ce_weight, cfg.l1_weight, cfg.confidence_weight, cfg.loss_decay),
-                               anchor_density=cfg.anchor_density)
-
-
-def _dflash(draft, batch, backend, generators, cfg):
-    return parallel_draft_loss(draft, batch, backend, generators, cfg.num_anchors,
-                               LossWeights(decay=cfg.loss_decay), use_l1=False, use_confidence=False,
-                               anchor_density=cfg.anchor_density)
-
-
-def _eagle3(draft, batch, backend, generators, cfg):
-    """EAGLE-3's loss is a batch mean; take it one sequence at a time for exact batch splits."""
-    from .eagle3_loss import eagle3_loss
-
-    losses, metrics = [], {}
-    for row in range(batch.input_ids.shape[0]):
-        one = TrainBatch(*(t[row:row + 1] for t in (batch.input_ids, batch.loss_mask, batch.lengths,
-                                                      batch.target_hidden, batch.target_last)),
-                         target_lse=None if batch.target_lse is None else batch.target_lse[row:row + 1])
-        loss, metrics = eagle3_loss(draft, one, cfg.ttt_steps, cfg.ttt_decay)
-        losses.append(loss)
-    return torch.stack(losses), metrics
-
-
-TRAINING_LOSSES = {"dspark": _dspark, "dflash": _dflash, "eagle3": _eagle3}
+def training_loss(algorithm: str):
+    """The loss a draft algorithm registered (`DraftAlgorithm.loss`, "module:function"); each
+    takes (draft, batch, backend, generators, cfg) and returns (per-sequence losses [B], metrics)."""
+    module, _, function = draft_algorithm(algorithm).loss.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -278,7 +256,7 @@ class Trainer:
         indices = global_batch_indices(len(self.examples), cfg.global_batch, self.step, cfg.seed)
         mine = indices[self.rank::self.world]
         micro_batches = [mine[i:i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
-        loss_fn = TRAINING_LOSSES[cfg.algorithm]
+        loss_fn = training_loss(cfg.algorithm)
         total_loss, tokens, metrics = 0.0, 0, {}
         for number, chunk in enumerate(micro_batches):
             ids, mask, lengths = collate([self.examples[i] for i in chunk], device)

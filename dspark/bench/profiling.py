@@ -11,8 +11,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .cost_model import CostModel
-from .models import StepBatch
+from ..models import StepBatch
+from ..scheduling.cost_model import CostModel
 
 
 def _median_time(backend, fn, repeats: int) -> float:

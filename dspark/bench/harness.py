@@ -31,17 +31,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .backends import get_backend
-from .calibration import calibration_report, survival_labels
-from .engine import Engine
-from .errors import DSparkError
-from .models import load_draft, load_target
-from .params import EngineConfig, SamplingParams
-from .training.data import prompt_ids, read_prompts
+from ..backends import get_backend
+from ..engine import Engine
+from ..errors import DSparkError
+from ..models import DRAFT_ALGORITHMS, load_draft, load_target
+from ..params import EngineConfig, SamplingParams
+from ..prompts import prompt_ids, read_prompts
+from ..scheduling.calibration import calibration_report, survival_labels
 
 DATASETS = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
-ALGORITHMS = ("dspark", "dflash", "eagle3")
-LABELS = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "EAGLE-3"}
+ALGORITHMS = tuple(DRAFT_ALGORITHMS)                          # from the registry
+LABELS = {name: entry.label for name, entry in DRAFT_ALGORITHMS.items()}
 SCHEDULER_MODES = ("threshold", "causal", "budget")
 TIE_TOLERANCE = 1e-3
 
@@ -192,7 +192,7 @@ def _acceptance_stats(engine: Engine, gamma: int, with_confidence: bool) -> dict
     if with_confidence and all("confidence_logits" in r for r in rounds):
         logits = torch.cat([r["confidence_logits"] for r in rounds]).float()
         labels, known = survival_labels(lens, accepted, gamma)
-        temperatures = engine.draft.config.confidence_temperatures
+        temperatures = engine.sts.sampled
         stats["calibration"] = {"before": _mean_report(calibration_report(logits, labels, known)),
                                 "after": _mean_report(calibration_report(logits, labels, known, temperatures))}
     return stats

@@ -2,8 +2,8 @@
 Registered by `dspark.cli.build_parser`; same error and output conventions."""
 import sys
 
-from .backends import BACKENDS, ENV_VAR
-from .models import DRAFT_ALGORITHMS
+from ..backends import BACKENDS, ENV_VAR
+from ..models import DRAFT_ALGORITHMS
 
 
 def _progress(message: str) -> None:
@@ -11,8 +11,9 @@ def _progress(message: str) -> None:
 
 
 def _cmd_regenerate(args) -> int:
-    from .engine import Engine
-    from .training.data import read_prompts, regenerate
+    from ..engine import Engine
+    from ..prompts import read_prompts
+    from ..training.data import regenerate
 
     prompts = read_prompts(args.prompts, limit=args.limit)
     _progress(f"loading target {args.target} ...")
@@ -24,7 +25,7 @@ def _cmd_regenerate(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .training import TrainConfig, train
+    from ..training import TrainConfig, train
 
     options = {k: v for k, v in (("num_layers", args.num_layers), ("block_size", args.block_size),
                                   ("markov_rank", args.markov_rank)) if v is not None}

@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import ops
-from .cost_model import CostModel
+from .. import ops
+from ..scheduling.cost_model import CostModel
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

@@ -11,12 +11,14 @@ from typing import Optional
 
 import torch
 
-from ..errors import CheckpointError
-from .checkpoint import (PathLike, load_state, model_dir, read_config, read_weights, save_weights,
-                         strip_prefix, target_config)
-from .config import TargetConfig
-from .draft import DraftConfig, DraftVocab, check_draft_fits_target, draft_algorithm, draft_config_for_target
-from .gemma import gemma_text_config
+from ...errors import CheckpointError
+from ..checkpoint import (PathLike, load_state, model_dir, read_config, read_weights, save_weights,
+                          strip_prefix, target_config)
+from ..config import TargetConfig
+from ..gemma_config import gemma_text_config
+from .base import draft_algorithm
+from .config import DraftConfig, check_draft_fits_target, draft_config_for_target
+from .vocab import DraftVocab
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 
@@ -80,7 +82,7 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
     (`draft_vocab_size` below the target's) needs `draft_vocab_ids`, the target ids of its tokens
     (`dspark.training.data.select_draft_vocab` picks the most frequent response tokens).
     Returns `out_dir`."""
-    from .checkpoint import load_target
+    from ..checkpoint import load_target
 
     target_path = model_dir(target_dir, "target")
     target_hf = read_config(target_path, "target")

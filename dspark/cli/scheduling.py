@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .backends import BACKENDS, ENV_VAR, get_backend
-from .calibration import fit_from_engine
-from .cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
-from .engine import Engine
-from .models import DraftConfig
-from .models.checkpoint import model_dir, read_config, target_config
-from .params import SamplingParams
-from .profiling import profile_engine
-from .simulator import DEFAULT_CONCURRENCY, markdown_table, plot, plot_cost_model, rows_as_dicts, simulate
+from ..backends import BACKENDS, ENV_VAR, get_backend
+from ..bench.profiling import profile_engine
+from ..bench.sts import fit_from_engine
+from ..bench.simulator import DEFAULT_CONCURRENCY, markdown_table, plot, plot_cost_model, rows_as_dicts, simulate
+from ..engine import Engine
+from ..models import DraftConfig
+from ..models.checkpoint import model_dir, read_config, target_config
+from ..params import SamplingParams
+from ..scheduling.cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
 
 
 def _progress(message: str) -> None:
@@ -60,7 +60,7 @@ def _cmd_sts(args) -> int:
     draft_path = model_dir(args.draft, "draft")
     engine = Engine.from_pretrained(args.target, draft=draft_path, backend=args.backend,
                                     max_batch_size=args.max_batch_size)
-    if engine.draft.confidence_head is None:
+    if not engine.draft.has_confidence:
         raise ValueError(f"draft {draft_path} has no confidence head: STS calibrates DSpark confidences")
     prompts = _sts_prompts(args, engine)
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=i,
@@ -150,7 +150,7 @@ def _acceptance(args) -> list:
 
 # ----------------------------------------------------------------------------- conformance
 def _cmd_conformance(args) -> int:
-    from .conformance import matrix, run
+    from ..conformance import matrix, run
 
     _progress(f"checking backend {args.backend or 'from $' + ENV_VAR} against the CPU reference ...")
     results = run(args.backend, dtypes=tuple(args.dtypes.split(",")))

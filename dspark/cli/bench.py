@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .backends import BACKENDS, ENV_VAR
+from ..backends import BACKENDS, ENV_VAR
 
 DEMO_PROMPTS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -24,10 +24,10 @@ def _progress(message: str) -> None:
 
 # ----------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
-    from .engine import Engine
-    from .params import SamplingParams
-    from .reference import reference_model_dir
-    from .training.data import prompt_ids
+    from ..engine import Engine
+    from ..models import reference_model_dir
+    from ..params import SamplingParams
+    from ..prompts import prompt_ids
 
     target_dir, draft_dir = reference_model_dir("target"), reference_model_dir(args.draft)
     started = time.perf_counter()
@@ -82,9 +82,9 @@ def _cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def _cmd_bench(args) -> int:
-    from . import bench
-    from .bench_report import plot, splice_markdown, to_markdown
-    from .reference import reference_model_dir
+    from ..bench import harness as bench
+    from ..bench.report import plot, splice_markdown, to_markdown
+    from ..models import reference_model_dir
 
     settings = replace(bench.QUICK if args.quick else bench.FULL)
     for name in ("prompts_per_dataset", "max_new_tokens", "repeats", "speed_prompts"):
@@ -128,7 +128,7 @@ def _cmd_bench(args) -> int:
 
 
 def add_commands(commands, formatter, para) -> None:
-    from .cli import _int_list     # the CLI's comma-separated integer type (cli imports this module lazily)
+    from .main import _int_list     # the CLI's comma-separated integer type (cli imports this module lazily)
 
     demo = commands.add_parser(
         "demo", formatter_class=formatter, help="stream the built-in reference models and show the speed-up",

@@ -125,29 +125,24 @@ class OnlineSTS:
         return True
 
 
-def fit_from_engine(engine, prompts: list, params, holdout: bool = True) -> dict:
-    """Offline STS for the engine's draft: replay prompts with full-block verification (the
-    engine's schedule should be "fixed"), collect raw confidence logits and outcomes from
-    `engine.round_log`, fit temperatures on every other row and report on the rest.
+class StsTemperatures:
+    """The STS temperatures an engine applies to its draft's confidence logits: one set fitted on
+    sampled rounds and one on greedy rounds (acceptance under greedy verification is a different
+    event; without a greedy set, greedy rows use the sampled one). c_k = sigmoid(z_k / T_k).
+    The engine owns this state (online STS updates it); the draft's config only seeds it."""
 
-    Returns {"temperatures", "rows", "before", "after"}; the draft itself is not changed."""
-    draft = engine.draft
-    if draft is None or draft.confidence_head is None:
-        raise ValueError("STS needs a draft with a confidence head (a DSpark draft)")
-    stored, draft.config.confidence_temperatures = draft.config.confidence_temperatures, None
-    try:
-        engine.generate(prompts, params)
-    finally:
-        draft.config.confidence_temperatures = stored
-    records = [r for r in engine.round_log if "confidence_logits" in r]
-    if not records:
-        raise ValueError("no drafted rounds to calibrate on: use more prompts or max_new_tokens")
-    logits = torch.cat([r["confidence_logits"] for r in records])
-    labels, known = survival_labels(torch.cat([r["verify_lens"] for r in records]),
-                                    torch.cat([r["accepted"] for r in records]), engine.gamma)
-    fit_rows = torch.arange(len(logits)) % 2 == 0 if holdout else torch.ones(len(logits), dtype=torch.bool)
-    report_rows = ~fit_rows if holdout else fit_rows
-    temperatures = fit_sts(logits[fit_rows], labels[fit_rows], known[fit_rows])
-    return {"temperatures": temperatures, "rows": len(logits),
-            "before": calibration_report(logits[report_rows], labels[report_rows], known[report_rows]),
-            "after": calibration_report(logits[report_rows], labels[report_rows], known[report_rows], temperatures)}
+    def __init__(self, gamma: int, sampled: Optional[Sequence[float]] = None,
+                 greedy: Optional[Sequence[float]] = None):
+        self.gamma = gamma
+        self.sampled = list(sampled) if sampled else None
+        self.greedy = list(greedy) if greedy else None
+
+    def temperatures(self, greedy_rows: torch.Tensor) -> torch.Tensor:
+        """[R, gamma] temperature of each entry; greedy_rows [R] bool."""
+        sampled = torch.tensor(self.sampled or [1.0] * self.gamma, device=greedy_rows.device)
+        greedy = torch.tensor(self.greedy, device=greedy_rows.device) if self.greedy else sampled
+        return torch.where(greedy_rows.view(-1, 1), greedy, sampled)
+
+    def confidence(self, logits: torch.Tensor, greedy_rows: torch.Tensor) -> torch.Tensor:
+        """logits [R, gamma] raw confidence logits -> c_k [R, gamma] in (0, 1)."""
+        return torch.sigmoid(logits.float() / self.temperatures(greedy_rows))

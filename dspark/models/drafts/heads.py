@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
-from .layers import Linear
+from ... import ops
+from ..layers import Linear
 
 
 class VanillaMarkovHead(nn.Module):

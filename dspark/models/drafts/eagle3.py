@@ -35,10 +35,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batch import KVCache
-from .draft import (DraftAlgorithm, DraftConfig, DraftProposal, DraftVocab,
-                    register_draft_algorithm)
-from .layers import MLP, Linear, RMSNorm, Rotary, apply_rope
+from ..batch import KVCache
+from ..layers import MLP, Linear, RMSNorm, Rotary, apply_rope
+from .base import DraftAlgorithm, DraftProposal, register_draft_algorithm
+from .config import DraftConfig
+from .vocab import DraftVocab
 
 NUM_FUSED_LAYERS = 3   # low, mid, high
 
@@ -57,14 +58,12 @@ def eagle3_target_layer_ids(num_target_layers: int) -> list[int]:
     return [0, high // 2, high]
 
 
-def resolve_target_layer_ids(cfg: DraftConfig) -> list[int]:
-    """The three layer ids an EAGLE-3 draft fuses (`init_draft` fills in eagle3_target_layer_ids
-    through the registry when the user names none); any other count is an error."""
-    ids = [int(i) for i in cfg.target_layer_ids]
-    if len(ids) == NUM_FUSED_LAYERS:
-        return ids
-    raise ValueError(f"an EAGLE-3 draft fuses exactly {NUM_FUSED_LAYERS} target layers (low, mid, high); "
-                     f"got target_layer_ids={ids}")
+def check_target_layer_ids(cfg: DraftConfig) -> None:
+    """An EAGLE-3 draft fuses exactly three target layers (`init_draft` fills in
+    eagle3_target_layer_ids through the registry when the user names none)."""
+    if len(cfg.target_layer_ids) != NUM_FUSED_LAYERS:
+        raise ValueError(f"an EAGLE-3 draft fuses exactly {NUM_FUSED_LAYERS} target layers (low, mid, high); "
+                         f"got target_layer_ids={list(cfg.target_layer_ids)}")
 
 
 def masked_attention(
@@ -149,9 +148,7 @@ class Eagle3Draft(nn.Module):
         if cfg.markov_rank > 0 or cfg.enable_confidence_head:
             raise ValueError("an EAGLE-3 draft has no Markov or confidence head: set markov_rank=0 and "
                              "enable_confidence_head=False")
-        # Written back into the config, so the saved draft and the engine's target forward
-        # (which taps `config.target_layer_ids`) agree on the three layers.
-        cfg.target_layer_ids = resolve_target_layer_ids(cfg)
+        check_target_layer_ids(cfg)
         self.config = cfg
         d = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
@@ -165,10 +162,9 @@ class Eagle3Draft(nn.Module):
         # Copies of the target's, never trained (the loss also detaches them).
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
-        # The engine and generic training code ask for these heads; EAGLE-3 has neither,
-        # so the engine only allows schedule="fixed" with it.
-        self.markov_head = None
-        self.confidence_head = None
+
+    has_confidence = False          # no confidence head: the load-aware schedules need an estimator
+    supports_static = False         # the chain reads a data-dependent number of keys per step
 
     @property
     def gamma(self) -> int:
@@ -266,15 +262,15 @@ class Eagle3Draft(nn.Module):
             tokens.append(token_ids)
             probs.append(step_probs)
             features = hidden
-        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=torch.stack(probs, dim=1), confidence=None)
+        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=torch.stack(probs, dim=1))
 
 
 register_draft_algorithm(DraftAlgorithm(
-    "eagle3", "one layer over [embedding; fused low/mid/high target features], sequential chain (EAGLE-3)",
+    "eagle3", "EAGLE-3", "one layer over [embedding; fused low/mid/high target features], sequential chain (EAGLE-3)",
+    Eagle3Draft,
     dict(num_layers=1, markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False,
          anchor_as_first=True),
-    Eagle3Draft,
-    default_layers=eagle3_target_layer_ids, architecture="Eagle3DraftModel"))
+    eagle3_target_layer_ids, "Eagle3DraftModel", loss="dspark.training.eagle3_loss:eagle3_training_loss"))
 
 
-__all__ = ["Eagle3Cache", "Eagle3Draft", "eagle3_target_layer_ids", "masked_attention", "resolve_target_layer_ids"]
+__all__ = ["Eagle3Cache", "Eagle3Draft", "check_target_layer_ids", "eagle3_target_layer_ids", "masked_attention"]

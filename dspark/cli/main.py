@@ -22,15 +22,15 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
-from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, get_backend
-from .engine import Engine
-from .errors import DSparkError
-from .models import DRAFT_ALGORITHMS, init_draft
-from .models.heads import MARKOV_HEADS
-from .ops import SCHEDULE_MODES
-from .params import DTYPES, EngineConfig, SamplingParams
-from .training.data import prompt_ids
+from .. import __version__
+from ..backends import BACKENDS, ENV_VAR, BackendUnavailableError, get_backend
+from ..engine import Engine
+from ..errors import DSparkError
+from ..models import DRAFT_ALGORITHMS, init_draft
+from ..models.drafts.heads import MARKOV_HEADS
+from ..ops import SCHEDULE_MODES
+from ..params import DTYPES, EngineConfig, SamplingParams
+from ..prompts import prompt_ids
 
 # Exceptions that mean "the user asked for something that cannot work": reported in one line, exit 2.
 USER_ERRORS = (DSparkError, BackendUnavailableError, ValueError, FileNotFoundError, TypeError)
@@ -406,9 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON document")
     info.set_defaults(run=_cmd_info)
 
-    from .cli_bench import add_commands as add_bench_commands
-    from .cli_scheduling import add_commands as add_scheduling_commands
-    from .cli_training import add_commands as add_training_commands
+    from .bench import add_commands as add_bench_commands
+    from .scheduling import add_commands as add_scheduling_commands
+    from .training import add_commands as add_training_commands
 
     add_bench_commands(commands, formatter, _para)
     add_scheduling_commands(commands, formatter, _para)

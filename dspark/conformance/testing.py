@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from .models import init_draft, load_draft, save_draft
+from ..models import init_draft, load_draft, save_draft
 
 FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
@@ -91,9 +91,9 @@ def calibrate_draft(target, draft, num_prompts: int = 32, max_new_tokens: int = 
        closed-form head is ordered right but centred wrong, and no temperature can shift it).
     2. STS temperatures on top, exactly as `dspark sts --write` does.
     """
-    from .calibration import fit_from_engine
-    from .engine import Engine
-    from .params import SamplingParams
+    from ..engine import Engine
+    from ..params import SamplingParams
+    from ..bench.sts import fit_from_engine
 
     engine = Engine.from_pretrained(target, draft=draft, max_batch_size=16)
     generator = torch.Generator().manual_seed(1234)
@@ -118,7 +118,7 @@ def calibrate_draft(target, draft, num_prompts: int = 32, max_new_tokens: int = 
         engine.draft.confidence_head.proj.bias.fill_(float(bias))
     temperatures = fit_from_engine(engine, prompts, params, holdout=False)["temperatures"]
 
-    from .models import save_draft
+    from ..models import save_draft
 
     config_path = Path(draft) / "config.json"
     config = json.loads(config_path.read_text())

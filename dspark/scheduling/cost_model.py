@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from .yaml_config import read_config_yaml
+from ..yaml_config import read_config_yaml
 
 
 @dataclass

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .bench import ALGORITHMS, LABELS, macro_tau
+from .harness import ALGORITHMS, LABELS, macro_tau
 
 BEGIN, END = "<!-- dspark bench: begin -->", "<!-- dspark bench: end -->"
 # Goals from the paper's Qwen3 results (issue: reference models and benchmark harness).

@@ -1,0 +1,192 @@
+"""The prefix scheduler as the engine uses it: the one place that decides, per round and mode,
+whether to draft and how many drafted tokens each request verifies.
+
+`RoundPlanner` holds an engine's scheduling state: the mode, the cost model and its cached SPS
+tables, and for the load-aware modes the confidence history their decisions come from, up to
+`lag` drafted rounds behind the current one (2 in the production pipeline: while round t runs on
+the device, the host plans round t + 1 from round t - 1's confidences, the newest already on the
+host). Anything from a finished round keeps the schedule lossless; only the current block's
+confidences must not decide K. `verify_lengths` is the mode dispatch; `schedule_prefix` is a thin
+wrapper around it for one-off use.
+
+    mode       before the draft (host, history)      after the draft (device, this block)     syncs
+    fixed      -                                     min(verify_len, cap)                      1
+    threshold  -                                     survival >= threshold                     2
+    causal     draft or not (where Alg. 1 stops)      Algorithm 1 with its early break          2
+    budget     draft or not, and the budget K        the top-K current survivals               1
+"""
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..errors import ConfigError
+from .cost_model import CostModel, ModelSpec, analytic_cost_model, device_spec
+
+
+@dataclass
+class RoundPlan:
+    """What the host decided before a round: whether to draft, and the budget K (budget mode)."""
+    draft: bool
+    budget: Optional[int] = None
+
+
+def verify_lengths(mode: str, backend, confidence: Optional[torch.Tensor], caps: torch.Tensor, *,
+                   verify_len: Optional[int] = None, threshold: float = 0.5, sps: Optional[torch.Tensor] = None,
+                   budget: Optional[int] = None) -> tuple[torch.Tensor, Optional[int]]:
+    """Verify lengths [R] on the device for one round, and the number of drafted tokens verified
+    in total when the host knows it without looking (fixed, budget), else None (one more sync).
+    caps [R]: the most drafts each request may verify (gamma, the backend's limit, its room)."""
+    caps = caps.clamp(min=0)
+    if mode == "fixed":
+        return (caps if verify_len is None else caps.clamp(max=verify_len)), None
+    if confidence is None:
+        raise ConfigError(f"the {mode!r} schedule needs confidences (a DSpark draft's confidence head)")
+    if mode == "threshold":
+        return torch.minimum(backend.schedule_threshold(confidence, threshold), caps), None
+    if mode == "causal":
+        if sps is None:
+            raise ConfigError("the 'causal' schedule needs an SPS table (a cost model)")
+        return backend.schedule_causal(confidence, sps, caps), None
+    if mode == "budget":
+        if budget is None:
+            raise ConfigError("the 'budget' schedule needs a token budget K (planned from earlier rounds)")
+        return backend.schedule_topk(confidence, budget, caps), None
+    raise ConfigError(f"unknown schedule mode {mode!r}; valid: {', '.join(ops.SCHEDULE_MODES)}")
+
+
+def schedule_prefix(
+    confidence: torch.Tensor,                 # [R, gamma] conditional confidences c_{r,j}
+    cost: Union[CostModel, torch.Tensor],     # a CostModel, or sps[B] (steps/s for B verify tokens)
+    mode: str = "causal",
+    *,
+    context_len: int = 0,
+    budget: Optional[int] = None,
+    earlier_confidence: Optional[torch.Tensor] = None,  # [R, gamma] history for mode="budget"
+    length: Optional[int] = None,
+    threshold: float = 0.5,
+    caps: Optional[torch.Tensor] = None,      # [R] per-request limits
+    max_verify_len: Optional[int] = None,
+    backend=None,
+) -> torch.Tensor:                            # [R] long verify lengths, 0 allowed
+    """Verify lengths for one block of confidences under a schedule mode, outside an engine."""
+    from ..backends import Backend
+
+    if confidence.dim() != 2:
+        raise ConfigError(f"confidence must be [R, gamma], got shape {tuple(confidence.shape)}")
+    num_requests, gamma = confidence.shape
+    if isinstance(cost, CostModel):
+        sps = cost.sps_table(num_requests * (gamma + 1), num_requests, context_len)
+        if max_verify_len is None and cost.max_query_tokens_per_request:
+            max_verify_len = cost.max_query_tokens_per_request - 1
+    else:
+        sps = torch.as_tensor(cost, dtype=torch.float64)
+        if sps.dim() != 1:
+            raise ConfigError("an SPS table must be 1-D: sps[B] = steps per second for B verify tokens")
+    limit = gamma if max_verify_len is None else min(gamma, max_verify_len)
+    caps = torch.full((num_requests,), limit, dtype=torch.long, device=confidence.device) if caps is None \
+        else torch.clamp(caps.to(confidence.device), max=limit)
+    if mode == "budget" and budget is None:
+        if earlier_confidence is None:
+            raise ConfigError("mode='budget' needs a token budget or the confidences of an earlier round")
+        budget = ops.plan_budget(earlier_confidence, sps, caps=caps) or 0
+    lens, _ = verify_lengths(mode, backend or Backend(), confidence, caps, verify_len=length, threshold=threshold,
+                             sps=sps.to(confidence.device), budget=budget)
+    return lens
+
+
+def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None) -> CostModel:
+    """A measured profile when given, else the backend's analytic prior for this model, priced
+    in the dtype the engine actually runs (float32 moves twice the bytes of bfloat16)."""
+    if profile is not None:
+        return CostModel.from_yaml(profile)
+    dtype = dtype or backend.default_dtype
+    bytes_per_value = float(torch.tensor([], dtype=dtype).element_size())
+    return analytic_cost_model(device_spec(backend.device_prior()),
+                               ModelSpec.from_configs(target_cfg, draft_cfg, bytes_per_value))
+
+
+class RoundPlanner:
+    """Scheduling state of one engine: the mode, SPS tables and confidence history.
+
+    Before each round of a load-aware mode, `before_round` decides from history alone whether
+    drafting pays and, for budget mode, the token budget K. When it does not pay, the round
+    decodes plainly; every `probe_every` skipped rounds one round drafts anyway, so that the
+    history cannot go stale (a round count, not a token, decides: lossless).
+    """
+
+    def __init__(self, mode: str, cost: CostModel, gamma: int, device, lag: int = 2, context_bucket: int = 256,
+                 probe_every: int = 8, verify_len: Optional[int] = None, threshold: float = 0.5):
+        self.mode, self.cost, self.gamma, self.device, self.lag = mode, cost, gamma, device, lag
+        self.verify_len, self.threshold = verify_len, threshold
+        self.context_bucket, self.probe_every = context_bucket, probe_every
+        self._skipped = 0
+        self._tables: dict = {}
+        self._history: dict = {}                       # request key -> deque of [gamma] confidences
+        # Before a request has history, the population's running mean stands in. It starts
+        # optimistic (1.0): the first rounds draft, and their confidences correct it.
+        self._mean = np.ones(gamma)
+
+    @property
+    def load_aware(self) -> bool:
+        return self.mode in ("causal", "budget")
+
+    def sps(self, num_requests: int, context_len: int, with_draft: bool = True, on_device: bool = True):
+        """The SPS table for this batch size and context bucket (cached): a device tensor for
+        the schedule op, or a NumPy array for the host planner."""
+        bucket = (context_len // self.context_bucket + 1) * self.context_bucket
+        key = (num_requests, bucket, with_draft, on_device)
+        if key not in self._tables:
+            table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, bucket, with_draft)
+            self._tables[key] = table.to(self.device) if on_device else table.numpy()
+        return self._tables[key]
+
+    def before_round(self, keys: list, caps: list, context_len: int) -> RoundPlan:
+        """Whether this round drafts, and its budget: from history only, before the draft runs."""
+        if not self.load_aware:
+            return RoundPlan(draft=True)
+        # A request's oldest kept confidences: `lag` drafted rounds back when it has them, else
+        # its newest. Either way they come from finished rounds, never from the current block.
+        earlier = np.stack([self._history[key][0] if self._history.get(key) else self._mean for key in keys])
+        num, caps_array = len(keys), np.asarray(caps)
+        with_draft = self.sps(num, context_len, on_device=False)
+        budget = ops.plan_budget(earlier, with_draft, self.sps(num, context_len, with_draft=False, on_device=False),
+                                 caps_array, early_break=self.mode == "causal")
+        if budget is None:
+            self._skipped += 1
+            if self._skipped < self.probe_every:
+                return RoundPlan(draft=False)
+            budget = ops.plan_budget(earlier, with_draft, None, caps_array)      # probe: the best K anyway
+        self._skipped = 0
+        return RoundPlan(draft=True, budget=budget)
+
+    def verify_lengths(self, backend, plan: RoundPlan, confidence: Optional[torch.Tensor], caps: list,
+                       context_len: int) -> tuple[torch.Tensor, Optional[int]]:
+        """This round's verify lengths [R] (device) and, when known without a sync, their sum."""
+        caps_tensor = torch.tensor(caps, dtype=torch.long, device=self.device).clamp(min=0)
+        if self.mode == "fixed":           # known on the host: no device work at all
+            length = self.gamma if self.verify_len is None else self.verify_len
+            lens = [max(0, min(length, cap)) for cap in caps]
+            return torch.tensor(lens, dtype=torch.long, device=self.device), sum(lens)
+        sps = self.sps(len(caps), context_len) if self.mode == "causal" else None
+        lens, _ = verify_lengths(self.mode, backend, confidence, caps_tensor, threshold=self.threshold, sps=sps,
+                                 budget=plan.budget)
+        known = min(plan.budget, int(caps_tensor.sum())) if self.mode == "budget" else None
+        return lens, known
+
+    def record(self, keys: list, confidence: torch.Tensor) -> None:
+        """Confidences of a finished round (host tensor [R, gamma])."""
+        confidence = confidence.double().numpy()
+        for key, row in zip(keys, confidence):
+            self._history.setdefault(key, deque(maxlen=self.lag)).append(row)
+        self._mean = 0.9 * self._mean + 0.1 * confidence.mean(axis=0)
+
+    def forget(self, key) -> None:
+        self._history.pop(key, None)
+
+
+__all__ = ["RoundPlan", "RoundPlanner", "cost_model_for", "schedule_prefix", "verify_lengths"]
