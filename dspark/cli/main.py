@@ -1,5 +1,5 @@
-"""The `dspark` command line: generate, init-draft, info (+ demo, bench from cli_bench; calibrate,
-sts, simulate, conformance from cli_scheduling; regenerate, train from cli_training).
+"""The `dspark` command line: generate, init-draft, info here; the other commands come from the
+modules in COMMAND_MODULES (demo, bench; calibrate, sts, simulate, conformance; regenerate, train).
 
 Each subcommand is a thin layer over the public API (`dspark.Engine`,
 `dspark.init_draft`, `dspark.backends`); option defaults come from the same
@@ -12,6 +12,7 @@ directory, an unknown backend, a malformed prompt) prints
 `dspark: error: <message>` and exits with status 2, never a traceback.
 """
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -32,6 +33,8 @@ from ..ops import SCHEDULE_MODES
 from ..params import DTYPES, EngineConfig, SamplingParams
 from ..prompts import prompt_ids
 
+# Modules of dspark.cli that add subcommands: each has add_commands(commands, formatter, para).
+COMMAND_MODULES = ("bench", "scheduling", "training")
 # Exceptions that mean "the user asked for something that cannot work": reported in one line, exit 2.
 USER_ERRORS = (DSparkError, BackendUnavailableError, ValueError, FileNotFoundError, TypeError)
 EXIT_USAGE = 2
@@ -406,13 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON document")
     info.set_defaults(run=_cmd_info)
 
-    from .bench import add_commands as add_bench_commands
-    from .scheduling import add_commands as add_scheduling_commands
-    from .training import add_commands as add_training_commands
-
-    add_bench_commands(commands, formatter, _para)
-    add_scheduling_commands(commands, formatter, _para)
-    add_training_commands(commands, formatter, _para)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").add_commands(commands, formatter, _para)
     return parser
 
 
