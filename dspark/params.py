@@ -162,3 +162,4 @@ class StreamEvent:
     finished: bool = False
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    stats: Optional[dict] = None       # on the request's last event: GenerationOutput.stats

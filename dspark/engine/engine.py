@@ -201,7 +201,8 @@ class Engine:
                 remaining -= event.finished
                 request = event.request
                 yield StreamEvent(request.index, event.token_ids, self._text_delta(request, decoded),
-                                  event.finished, request.finish_reason, request.error)
+                                  event.finished, request.finish_reason, request.error,
+                                  request.stats(self.gamma) if event.finished else None)
         finally:
             self._close(call)
 
