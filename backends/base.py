@@ -8,7 +8,8 @@ operations to run. The base class implements the operations with the pure
 reference functions in `dspark.ops`; a device backend overrides what it can
 do faster and the conformance suite checks it against these.
 """
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,13 @@ class Backend:
         """The one device -> host copy of a round: all tensors the host needs, together."""
         self.host_syncs += 1
         return tuple(t.to("cpu") for t in tensors)
+
+    def step_timer(self) -> "HostTimer":
+        """A fresh timer for one engine round: `mark(name)` at points of the round, later
+        `seconds(start, end)`. The reference takes host timestamps, exact where every op runs
+        synchronously (the CPU); device backends record events on their stream instead, read
+        only once they have completed, so timing adds no synchronisation."""
+        return HostTimer()
 
     def device_prior(self) -> str:
         """Name of the analytic cost-model prior for this device (see dspark.cost_model.DEVICE_SPECS)."""
@@ -155,6 +163,43 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device})"
+
+
+class HostTimer:
+    """Host timestamps at named marks."""
+
+    def __init__(self) -> None:
+        self._marks: dict = {}
+
+    def mark(self, name: str) -> None:
+        self._marks[name] = time.perf_counter()
+
+    def seconds(self, start: str, end: str) -> Optional[float]:
+        """Seconds from mark `start` to mark `end`; None if either was never marked."""
+        if start not in self._marks or end not in self._marks:
+            return None
+        return self._marks[end] - self._marks[start]
+
+
+class EventTimer(HostTimer):
+    """Device events at named marks (`make_event()` returns an event created with timing on).
+    `seconds` returns None until the end event has completed: callers retry after a later
+    synchronisation that happens anyway (the round's device -> host copy) instead of waiting."""
+
+    def __init__(self, make_event: Callable) -> None:
+        super().__init__()
+        self._make_event = make_event
+
+    def mark(self, name: str) -> None:
+        event = self._make_event()
+        event.record()
+        self._marks[name] = event
+
+    def seconds(self, start: str, end: str) -> Optional[float]:
+        first, last = self._marks.get(start), self._marks.get(end)
+        if first is None or last is None or not last.query():
+            return None
+        return first.elapsed_time(last) / 1000.0          # events measure milliseconds
 
 
 class _RecordedGraph:

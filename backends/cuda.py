@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from .base import Backend, BackendUnavailableError
+from .base import Backend, BackendUnavailableError, EventTimer
 
 
 class CUDABackend(Backend):
@@ -48,6 +48,10 @@ class CUDABackend(Backend):
     def memory_limit(self):
         query = getattr(torch.cuda, "mem_get_info", None)     # absent from older releases (and the CPU stand-ins)
         return int(query(self.device)[0]) if query is not None else None
+
+    def step_timer(self) -> EventTimer:
+        """CUDA events on the current stream (read after the round's own sync, never waited on)."""
+        return EventTimer(lambda: torch.cuda.Event(enable_timing=True))
 
     def graph_capture(self, fn):
         """CUDA graph per fixed-shape step: warm up on a side stream, capture into a memory pool

@@ -8,6 +8,7 @@ import torch
 from .errors import ConfigError
 from .ops import SCHEDULE_MODES
 
+ACCEPTANCE_SOURCES = ("auto", "head", "margin", "both")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -79,8 +80,16 @@ class EngineConfig:
                     one extra device->host copy per round);
         "budget"    the zero-overhead production variant: a token budget from confidences
                     `budget_lag` rounds old, then the top-K current survivals (one copy per round).
-        All but "fixed" need a draft with a confidence head (DSpark).
+        All but "fixed" need confidences: a DSpark draft's confidence head, or for any other
+        draft the margin estimator (see `acceptance`).
     cost_profile: a YAML profile from `dspark calibrate`; None = the backend's analytic prior.
+    online_costs: refit the cost model from the engine's own measured rounds while serving,
+        starting from cost_profile or the prior (engine.cost_model.to_yaml exports it);
+        False keeps the starting model frozen.
+    acceptance: where the load-aware schedules' confidences come from: "head" (the draft's
+        confidence head), "margin" (a logistic model of the draft's top-2 margin, fitted online
+        from verified rounds), "both" (that model over the margin and the head's logit), or
+        "auto" (the head when the draft has one, else the margin).
     calibration: "offline" (use the draft's stored STS temperatures) or "online" (keep refitting
         them from served rounds).
     static_shapes: pad each round to the backend's token buckets, all request rows and the full
@@ -95,6 +104,8 @@ class EngineConfig:
     verify_len: Optional[int] = None
     threshold: float = 0.5
     cost_profile: Optional[str] = None
+    online_costs: bool = True
+    acceptance: str = "auto"
     budget_lag: int = 2
     calibration: str = "offline"
     # Run every round through the fixed-shape (padded, bucketed) step that graph capture
@@ -117,6 +128,10 @@ class EngineConfig:
             raise ConfigError(f"verify_len must be an integer >= 0, got {self.verify_len!r}")
         if _not_int(self.budget_lag) or self.budget_lag < 1:
             raise ConfigError(f"budget_lag must be an integer >= 1, got {self.budget_lag!r}")
+        if not isinstance(self.online_costs, bool):
+            raise ConfigError(f"online_costs must be True or False, got {self.online_costs!r}")
+        if self.acceptance not in ACCEPTANCE_SOURCES:
+            raise ConfigError(f"acceptance must be one of {', '.join(ACCEPTANCE_SOURCES)}, got {self.acceptance!r}")
         if self.calibration not in ("offline", "online"):
             raise ConfigError(f"calibration must be 'offline' or 'online', got {self.calibration!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \

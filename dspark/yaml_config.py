@@ -4,6 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 
 def read_config_yaml(cls, path, what: str, missing_hint: str = "") -> dict:
     """The YAML mapping in `path`, checked against the fields of dataclass `cls`.
@@ -15,11 +17,11 @@ def read_config_yaml(cls, path, what: str, missing_hint: str = "") -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{what} {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must be a YAML mapping")
+        raise ConfigError(f"{what} {path} must be a YAML mapping")
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
-        raise ValueError(f"{what} {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise ConfigError(f"{what} {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     return data

@@ -16,6 +16,7 @@ dispatch mode does: its host-side arguments are copied at capture and only
 a key the captured call did not pass is ignored).
 """
 import copy
+import time
 import types
 
 import torch
@@ -125,12 +126,29 @@ class _StreamContext:
         return False
 
 
+class _Event:
+    """torch.cuda.Event / torch.npu.Event double: host time at record(), done at once."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.recorded_at = None
+
+    def record(self, stream=None):
+        self.recorded_at = time.perf_counter()
+
+    def query(self) -> bool:
+        return self.recorded_at is not None
+
+    def elapsed_time(self, end) -> float:
+        return (end.recorded_at - self.recorded_at) * 1000.0           # milliseconds, as the real API
+
+
 def device_module(graph_class_name: str):
     """A stand-in `torch.cuda` (graph_class_name="CUDAGraph") or `torch.npu` ("NPUGraph")."""
     default = _Stream()
     module = types.SimpleNamespace(
         synchronize=lambda *args, **kwargs: None,
         Stream=_Stream,
+        Event=_Event,
         stream=_StreamContext,
         current_stream=lambda *args, **kwargs: default,
         graph=_GraphContext,

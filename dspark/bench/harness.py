@@ -10,7 +10,10 @@ Three measurements on JSONL prompt sets ({"turns": [...]}, the first turn is the
                each scheduler mode; configurations are timed round-robin and the median is kept;
   concurrency  tokens/s for 1..64 requests decoded together, each generating exactly max_new_tokens
                (end-of-sequence ignored, so every mode does the same work): no speculation, fixed
-               verify lengths, and the load-aware modes.
+               verify lengths, and the load-aware modes with the online cost model (the default),
+               budget with the frozen prior and with a calibrated profile (settings.cost_profile,
+               else one calibrated first), DFlash with its margin estimator, and each speculative
+               configuration's scheduler share of round time.
 
 Lossless check: every greedy speculative output is compared token by token with dspark's plain
 decoding of the same prompt. A mismatch fails the run (LosslessError) unless the target's two best
@@ -24,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,9 +39,10 @@ from ..backends import get_backend
 from ..engine import Engine
 from ..errors import DSparkError
 from ..models import DRAFT_ALGORITHMS, load_draft, load_target
-from ..params import EngineConfig, SamplingParams
+from ..params import DTYPES, EngineConfig, SamplingParams
 from ..prompts import prompt_ids, read_prompts
 from ..scheduling.calibration import calibration_report, survival_labels
+from .profiling import profile_engine
 
 DATASETS = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
 ALGORITHMS = tuple(DRAFT_ALGORITHMS)                          # from the registry
@@ -61,6 +66,8 @@ class BenchSettings:
     repeats: int                   # round-robin repeats of every timed configuration
     block_size: int = 7
     temperatures: list = field(default_factory=lambda: [0.0, 1.0])
+    cost_profile: Optional[str] = None   # the concurrency section's calibrated profile (None: calibrate there)
+    assistant: bool = True         # time transformers' assisted generation (an early-exit assistant by default)
 
 
 QUICK = BenchSettings(prompts_per_dataset=3, max_new_tokens=48, speed_prompts=1, speed_max_new_tokens=48,
@@ -112,23 +119,26 @@ class Models:
     drafts: dict
     backend: object
     assistant_dir: Optional[Path] = None
+    dtype: str = "float32"         # what dspark's engines run in ("auto": the backend's default)
 
     @classmethod
-    def load(cls, target_dir, drafts: dict, assistant_dir=None, backend=None) -> "Models":
+    def load(cls, target_dir, drafts: dict, assistant_dir=None, backend=None, dtype: str = "float32") -> "Models":
         backend = get_backend(backend)
-        target, tokenizer = load_target(target_dir, backend.device, torch.float32)
+        EngineConfig(dtype=dtype)                              # a bad dtype fails here, with the valid names
+        torch_dtype = backend.default_dtype if dtype == "auto" else DTYPES[dtype]
+        target, tokenizer = load_target(target_dir, backend.device, torch_dtype)
         if tokenizer is None:
             raise ValueError(f"the benchmark needs a tokenizer in the target directory {target_dir}")
         loaded = {}
         for name, path in drafts.items():
             draft = load_draft(path, target.config, target)
-            loaded[name] = draft.to(device=backend.device, dtype=torch.float32).eval()
+            loaded[name] = draft.to(device=backend.device, dtype=torch_dtype).eval()
         return cls(Path(target_dir), target, tokenizer, loaded, backend,
-                   Path(assistant_dir) if assistant_dir else None)
+                   Path(assistant_dir) if assistant_dir else None, dtype)
 
     def engine(self, draft: Optional[str] = None, **config) -> Engine:
         return Engine(self.target, self.tokenizer, self.drafts[draft] if draft else None, self.backend,
-                      EngineConfig.from_kwargs(dtype="float32", **config))
+                      EngineConfig.from_kwargs(dtype=self.dtype, **config))
 
     def encode(self, text: str) -> list:
         return prompt_ids({"prompt": text}, self.tokenizer)
@@ -177,7 +187,7 @@ class LosslessLedger:
 
 
 # ------------------------------------------------------------------------------------ acceptance
-def _acceptance_stats(engine: Engine, gamma: int, with_confidence: bool) -> dict:
+def _acceptance_stats(engine: Engine, gamma: int, with_confidence: bool, greedy: bool = False) -> dict:
     rounds = [r for r in engine.round_log if r.get("drafted")]
     if not rounds:
         return {"tau": 1.0, "rounds": 0, "position_acceptance": []}
@@ -192,7 +202,7 @@ def _acceptance_stats(engine: Engine, gamma: int, with_confidence: bool) -> dict
     if with_confidence and all("confidence_logits" in r for r in rounds):
         logits = torch.cat([r["confidence_logits"] for r in rounds]).float()
         labels, known = survival_labels(lens, accepted, gamma)
-        temperatures = engine.sts.sampled
+        temperatures = (engine.sts.greedy if greedy else None) or engine.sts.sampled
         stats["calibration"] = {"before": _mean_report(calibration_report(logits, labels, known)),
                                 "after": _mean_report(calibration_report(logits, labels, known, temperatures))}
     return stats
@@ -226,7 +236,7 @@ def run_acceptance(models: Models, sets: dict, settings: BenchSettings, ledger: 
                 if temperature == 0.0:
                     ledger.check(f"acceptance/{dataset}/{algorithm}", prompts, reference,
                                  [o.token_ids for o in outputs])
-                stats = _acceptance_stats(engine, engine.gamma, algorithm == "dspark")
+                stats = _acceptance_stats(engine, engine.gamma, engine.draft.has_confidence, temperature == 0.0)
                 results.setdefault(dataset, {}).setdefault(algorithm, {})[f"T={temperature:g}"] = stats
                 progress(f"  {dataset:10s} {LABELS.get(algorithm, algorithm):8s} T={temperature:g}: "
                          f"tau {stats['tau']:.2f} over {stats['rounds']} request-rounds")
@@ -254,23 +264,50 @@ class _Runner:
         return self.round_tokens / self.rounds if self.rounds else None
 
 
-def _hf_runner(models: Models, assistant: bool) -> _Runner:
+HF_METHODS = {
+    "generate": "transformers generate()",
+    "prompt_lookup": "transformers prompt lookup",
+    "assisted": "transformers assisted generation",
+}
+
+
+def _hf_runner(models: Models, method: str, assistant=None) -> _Runner:
+    """transformers' own batch-1 decoding: plain `generate()`, prompt-lookup decoding
+    (`prompt_lookup_num_tokens`, drafts copied from the prompt), or assisted generation with a small
+    assistant model sharing the tokenizer. All greedy: they are lossless too."""
     from transformers import AutoModelForCausalLM
 
     device = models.backend.device
     target = AutoModelForCausalLM.from_pretrained(models.target_dir, dtype=torch.float32).to(device).eval()
-    helper = None
-    if assistant:
-        helper = AutoModelForCausalLM.from_pretrained(models.assistant_dir, dtype=torch.float32).to(device).eval()
+    extra = {"generate": {}, "prompt_lookup": {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3},
+             "assisted": {"assistant_model": assistant}}[method]
     eos, pad = models.tokenizer.eos_token_id, models.tokenizer.pad_token_id
 
     def generate(runner, prompt: list, max_new_tokens: int) -> list:
         ids = torch.tensor([prompt], device=device)
         with torch.inference_mode():
             out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, eos_token_id=eos, pad_token_id=pad, assistant_model=helper)
+                                  do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra)
         return out[0, len(prompt):].tolist()
     return _Runner(generate, "transformers")
+
+
+def load_assistant(models: Models):
+    """The assistant model for transformers' assisted generation: the given directory, or else an
+    early-exit slice of the target itself (its first quarter of layers, its final norm and LM head:
+    the one small model with the target's tokenizer that can be built here without training)."""
+    from transformers import AutoModelForCausalLM
+
+    device = models.backend.device
+    if models.assistant_dir is not None:
+        return AutoModelForCausalLM.from_pretrained(models.assistant_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(models.target_dir, dtype=torch.float32).to(device).eval()
+    keep = max(1, model.config.num_hidden_layers // 4)
+    model.model.layers = model.model.layers[:keep]
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:keep]
+    return model
 
 
 def _engine_runner(engine: Engine, kind: str) -> _Runner:
@@ -288,10 +325,11 @@ def run_speed(models: Models, sets: dict, settings: BenchSettings, ledger: Lossl
     prompts = [models.encode(t) for texts in sets.values() for t in texts[:settings.speed_prompts]]
     n = settings.speed_max_new_tokens
     config = dict(max_batch_size=1, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
-    runners = {"transformers generate()": _hf_runner(models, assistant=False),
-               "dspark, no draft": _engine_runner(models.engine(**config), "plain")}
-    if models.assistant_dir is not None:
-        runners["transformers assisted generation"] = _hf_runner(models, assistant=True)
+    runners = {HF_METHODS["generate"]: _hf_runner(models, "generate"),
+               HF_METHODS["prompt_lookup"]: _hf_runner(models, "prompt_lookup")}
+    if settings.assistant:
+        runners[HF_METHODS["assisted"]] = _hf_runner(models, "assisted", load_assistant(models))
+    runners["dspark, no draft"] = _engine_runner(models.engine(**config), "plain")
     for algorithm in models.drafts:
         runners[f"dspark + {LABELS.get(algorithm, algorithm)}, fixed {settings.block_size}"] = _engine_runner(
             models.engine(algorithm, schedule="fixed", **config), "speculative")
@@ -322,20 +360,89 @@ def run_speed(models: Models, sets: dict, settings: BenchSettings, ledger: Lossl
                      "tokens_per_s": tokens / median, "tau": run.tau,
                      "identical_to_plain": f"{identical}/{len(prompts)}"})
     base = {r["method"]: r["tokens_per_s"] for r in rows}
+    best_hf = max(base[label] for label in HF_METHODS.values() if label in base)
     for r in rows:
-        r["vs_transformers"] = r["tokens_per_s"] / base["transformers generate()"]
+        r["vs_transformers"] = r["tokens_per_s"] / base[HF_METHODS["generate"]]
+        r["vs_best_transformers"] = r["tokens_per_s"] / best_hf
         r["vs_plain"] = r["tokens_per_s"] / base["dspark, no draft"]
     return rows
 
 
+def machine_limit(models: Models, sets: dict, settings: BenchSettings, algorithm: str, tau: float) -> dict:
+    """The speed-up this machine allows a draft with acceptance tau at batch 1:
+    tau * t_target(1) / (t_draft + t_verify(gamma + 1)), from the engine's own round times
+    (median over the rounds of a few prompts; host overheads included on both sides)."""
+    prompts = [models.encode(t) for texts in sets.values() for t in texts[:1]]
+    n = min(64, settings.speed_max_new_tokens)
+    config = dict(max_batch_size=1, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
+    times = {}
+    for label, engine in (("plain", models.engine(**config)), ("speculative", models.engine(algorithm, **config))):
+        rounds = []
+        for prompt in prompts:
+            engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+            rounds += [r["round_s"] for r in engine.round_log if label == "plain" or r.get("drafted")]
+        times[label] = statistics.median(rounds)
+    return {"algorithm": algorithm, "tau": tau, "t_target_1": times["plain"],
+            "t_draft_plus_verify": times["speculative"], "limit": tau * times["plain"] / times["speculative"]}
+
+
 # ------------------------------------------------------------------------------------ concurrency
+def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optional[str]) -> list:
+    """(label, draft, engine options) of every configuration the concurrency section times: plain
+    decoding, fixed verify lengths and the load-aware modes with the online cost model (the
+    engine's default), budget with the frozen prior and with a calibrated profile, and DFlash
+    (no confidence head: the margin estimator) with fixed lengths and budget."""
+    main = "dspark" if "dspark" in models.drafts else next(iter(models.drafts), None)
+    modes = [("no speculation", None, {})]
+    if main is None:
+        return modes
+    modes += [(f"fixed {k}", main, {"schedule": "fixed", "verify_len": k}) for k in settings.fixed_lengths]
+    modes += [(mode, main, {"schedule": mode}) for mode in SCHEDULER_MODES]
+    modes.append(("budget, frozen prior", main, {"schedule": "budget", "online_costs": False}))
+    if calibrated is not None:
+        modes.append(("budget, calibrated", main, {"schedule": "budget", "online_costs": False,
+                                                   "cost_profile": calibrated}))
+    if "dflash" in models.drafts and main != "dflash":
+        modes += [(f"DFlash fixed {k}", "dflash", {"schedule": "fixed", "verify_len": k})
+                  for k in settings.fixed_lengths]
+        modes.append(("DFlash budget (margin)", "dflash", {"schedule": "budget"}))
+    return modes
+
+
+def calibrated_profile(models: Models, settings: BenchSettings, pool: list, progress: Callable = print) -> Optional[str]:
+    """settings.cost_profile, or a profile calibrated here (`dspark calibrate`'s estimator, at the
+    section's concurrencies and one context bucket covering its requests), written to a temporary
+    file. None without a draft."""
+    if settings.cost_profile or not models.drafts:
+        return settings.cost_profile
+    draft = "dspark" if "dspark" in models.drafts else next(iter(models.drafts))
+    longest = max(len(p) for p in pool) + settings.max_new_tokens + settings.block_size + 2
+    context = statistics.median(len(p) for p in pool) + settings.max_new_tokens // 2
+    engine = models.engine(draft, max_batch_size=max(settings.concurrency), max_model_len=longest)
+    started = time.perf_counter()
+    profile = profile_engine(engine, context_lens=(int(context),), repeats=2, requests=settings.concurrency)
+    path = Path(tempfile.mkdtemp(prefix="dspark-bench-")) / "calibrated.yaml"
+    profile.to_yaml(path)
+    progress(f"  calibrated a cost profile in {time.perf_counter() - started:.0f} s ({path})")
+    return str(path)
+
+
+def _scheduler_share(engine: Engine) -> float:
+    """Planning, scheduling, estimation and cost learning as a share of the rounds' wall time."""
+    rounds = engine.round_log
+    spent = sum(r.get("schedule_s", 0.0) + r.get("learn_s", 0.0) + r.get("estimate_s", 0.0) for r in rounds)
+    return spent / max(sum(r["round_s"] for r in rounds), 1e-12)
+
+
 def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger: LosslessLedger,
                     progress: Callable = print) -> list:
+    """Tokens/s per configuration of `concurrency_modes` at each concurrency, timed round-robin
+    (median of `repeats`), plus each speculative configuration's scheduler share of round time.
+    An engine lives for all repeats of its concurrency, so an online cost model keeps what it
+    learned in earlier repeats (as a serving engine would)."""
     pool = [models.encode(t) for group in zip(*sets.values()) for t in group]   # datasets interleaved
     n = settings.max_new_tokens
-    modes = [("no speculation", None, {})] + \
-        [(f"fixed {k}", "dspark", {"schedule": "fixed", "verify_len": k}) for k in settings.fixed_lengths] + \
-        [(mode, "dspark", {"schedule": mode}) for mode in SCHEDULER_MODES]
+    modes = concurrency_modes(models, settings, calibrated_profile(models, settings, pool, progress))
     rows = []
     for concurrency in settings.concurrency:
         prompts = [pool[i % len(pool)] for i in range(concurrency)]
@@ -352,9 +459,13 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
             if label != "no speculation":
                 ledger.check(f"concurrency/{concurrency}/{label}", prompts, outputs["no speculation"], outputs[label])
             row[label] = sum(len(o) for o in outputs[label]) / statistics.median(seconds[label])
+        row["scheduler_share"] = {label: _scheduler_share(engine) for label, engine in engines.items()
+                                  if engine.draft is not None}
         rows.append(row)
-        best = max((k for k in row if k != "concurrency"), key=row.get)
-        progress(f"  concurrency {concurrency:3d}: best {best} at {row[best]:.0f} tokens/s")
+        best = max((k for k in row if k not in ("concurrency", "scheduler_share")), key=row.get)
+        progress(f"  concurrency {concurrency:3d}: best {best} at {row[best]:.0f} tokens/s; budget "
+                 f"{row.get('budget', float('nan')):.0f}, scheduler share "
+                 f"{row['scheduler_share'].get('budget', float('nan')):.1%}")
     return rows
 
 

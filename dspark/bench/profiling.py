@@ -1,30 +1,26 @@
-"""Measuring a device's cost model: `dspark calibrate`.
+"""Measuring a device's cost model: `dspark calibrate`, the offline run of the online estimator.
 
-Times the real target forward over flattened verify batches of B tokens at a few
-context lengths, and the draft round for R requests, on the engine's backend
-(median of repeats after a warm-up), and returns a measured `CostModel`.
+A serving engine learns its step times from the rounds it runs (dspark.scheduling.online_cost).
+Calibrating is the same estimator fed on purpose: the engine decodes random prompts at a grid
+of request counts R, verify lengths l (a fixed schedule, so B = R (l + 1) verify tokens) and
+context lengths, `repeats` rounds or more per point, and its own OnlineCostModel times every
+round exactly as it does while serving (the draft's share from the backend's step timer, the
+rest of the round from its wall time). What it learned is returned as a measured `CostModel`
+for `--cost-profile`; an engine started from it keeps refining it online.
+
+Unlike timing the target's forward alone, this prices what a round really costs: sampling,
+verification, the draft's context update and the host's bookkeeping, per request and per token.
 """
-import statistics
-import time
+from contextlib import contextmanager
 from datetime import date
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..models import StepBatch
+from ..errors import ConfigError
+from ..params import SamplingParams
 from ..scheduling.cost_model import CostModel
-
-
-def _median_time(backend, fn, repeats: int) -> float:
-    fn()                                   # warm-up (allocations, lazy init)
-    backend.synchronize()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        backend.synchronize()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+from ..scheduling.online_cost import OnlineCostModel
 
 
 def _token_grid(max_tokens: int) -> list:
@@ -35,57 +31,71 @@ def _token_grid(max_tokens: int) -> list:
     return grid + [max_tokens]
 
 
+def _verify_lengths(gamma: int) -> list:
+    """0 (plain decoding's step), 1, about half the block and the whole block."""
+    return sorted({0, min(1, gamma), gamma // 2, gamma})
+
+
+@contextmanager
+def _driven(engine, model: OnlineCostModel):
+    """The engine runs a fixed schedule and learns into `model` for the duration."""
+    planner = engine.planner
+    saved = engine.cost_model, planner.mode, planner.verify_len
+    engine.cost_model = model
+    planner.use_cost_model(model)
+    planner.mode = "fixed"
+    try:
+        yield planner
+    finally:
+        engine.cost_model, planner.mode, planner.verify_len = saved
+        planner.use_cost_model(saved[0])
+
+
 def profile_engine(engine, context_lens: Sequence[int] = (64, 256), max_tokens: Optional[int] = None,
-                   repeats: int = 5, progress: Callable[[str], None] = lambda message: None) -> CostModel:
-    backend, target, draft = engine.backend, engine.target, engine.draft
-    slots = engine.config.max_batch_size
-    gamma = max(engine.gamma, 1)
-    max_tokens = max_tokens or slots * (gamma + 1)
-    context_lens = [c for c in context_lens if c + max_tokens // slots + gamma + 1 < engine.max_model_len] \
-        or [max(1, engine.max_model_len // 4)]
-    grid = _token_grid(max_tokens)
-    vocab = target.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    steps = len(context_lens) * len(grid) + (len(_token_grid(slots)) if draft is not None else 0)
-    done = 0
+                   repeats: int = 5, progress: Callable[[str], None] = lambda message: None,
+                   requests: Optional[Sequence[int]] = None, verify_lens: Optional[Sequence[int]] = None) -> CostModel:
+    """Drive `engine` over the grid and return what its online cost model learned.
 
-    verify_seconds = []
-    for context in context_lens:
-        row = []
-        for tokens in grid:
-            requests = min(slots, tokens)
-            lens = [tokens // requests + (1 if i < tokens % requests else 0) for i in range(requests)]
-            ids = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lens]
-            batch = StepBatch.build(ids, [context] * requests, list(range(requests)), backend.device)
-            seconds = _median_time(backend, lambda: target(batch, engine.target_cache, backend,
-                                                           hidden_layer_ids=engine.hidden_layer_ids), repeats)
-            row.append(seconds)
-            done += 1
-            progress(f"[{done}/{steps}] verify B={tokens:<4d} context={context:<5d} {seconds * 1e3:8.2f} ms")
-        verify_seconds.append(row)
+    context_lens  context buckets (prompts are sized to land in each); they become the profile's
+    requests      request counts R (default: powers of two up to max_batch_size)
+    verify_lens   drafted tokens verified per request (default: 0, 1, gamma / 2, gamma)
+    repeats       rounds per grid point, at least (a round emitting fewer tokens adds rounds)
+    max_tokens    largest verify-token count in the exported table (default: R_max (gamma + 1))
+    """
+    slots, gamma = engine.config.max_batch_size, engine.gamma
+    requests = sorted(requests or _token_grid(slots))
+    if requests[-1] > slots:
+        raise ConfigError(f"cannot calibrate {requests[-1]} requests on an engine with max_batch_size {slots}")
+    lengths = sorted(verify_lens or _verify_lengths(gamma)) if engine.draft is not None else [0]
+    budget = max(1, repeats) * (lengths[-1] + 1) + 1           # new tokens per request at the longest l
+    context_lens = sorted(c for c in context_lens if c + 1 < engine.max_model_len - budget) \
+        or [max(2, (engine.max_model_len - budget) // 2)]
+    prior = engine.planner.cost.prior if isinstance(engine.planner.cost, OnlineCostModel) else engine.planner.cost
+    model = OnlineCostModel(prior, token_buckets=engine.verify_step.buckets if engine.static else None,
+                            context_lens=context_lens)
+    generator, vocab = torch.Generator().manual_seed(0), engine.target.config.vocab_size
+    points = [(c, r, l) for c in context_lens for r in requests for l in lengths]
+    with _driven(engine, model) as planner:
+        for done, (context, count, length) in enumerate(points, 1):
+            new_tokens = max(1, repeats) * (length + 1) + 1
+            lower = next((b for b in reversed(context_lens) if b < context), 0)
+            prompt_len = min(max(1, context - new_tokens, lower + 1), engine.max_model_len - new_tokens - 1)
+            prompts = [torch.randint(0, vocab, (prompt_len,), generator=generator).tolist() for _ in range(count)]
+            planner.verify_len = length
+            engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+            tokens = count * (length + 1)
+            progress(f"[{done}/{len(points)}] verify B={tokens:<4d} (R={count}, l={length}) context={context:<5d} "
+                     f"{model.verify_time(tokens, context, count) * 1e3:8.2f} ms" +
+                     (f"   draft {model.draft_time(count) * 1e3:7.2f} ms" if engine.draft is not None else ""))
+    profile = model.to_cost_model(verify_tokens=_token_grid(max_tokens or requests[-1] * (gamma + 1)),
+                                  draft_requests=requests if engine.draft is not None else [1])
+    if engine.draft is None:
+        profile.draft_seconds = [0.0]
+    profile.device = engine.backend.device_prior()
+    profile.meta.update(backend=engine.backend.name, dtype=str(engine.dtype).replace("torch.", ""), gamma=gamma,
+                        max_batch_size=slots, repeats=repeats, date=date.today().isoformat(),
+                        torch=str(torch.__version__), requests=list(requests), verify_lens=list(lengths))
+    return profile
 
-    draft_requests, draft_seconds = [1], [0.0]
-    if draft is not None:
-        draft_requests, draft_seconds = _token_grid(slots), []
-        for requests in draft_requests:
-            anchors = torch.randint(0, vocab, (requests,), generator=generator).to(backend.device)
-            starts = torch.full((requests,), context_lens[0], dtype=torch.long, device=backend.device)
-            slot_ids = torch.arange(requests, device=backend.device)
-            zeros = torch.zeros(requests, device=backend.device)
-            uniforms = torch.rand(requests, engine.gamma, generator=generator).to(backend.device)
-            seconds = _median_time(backend, lambda: draft.propose(
-                anchors, starts, slot_ids, engine.draft_cache, backend, uniforms, zeros,
-                torch.zeros(requests, dtype=torch.long, device=backend.device), torch.ones(requests,
-                                                                                           device=backend.device),
-                all_greedy=True, filtered=False), repeats)
-            draft_seconds.append(seconds)
-            done += 1
-            progress(f"[{done}/{steps}] draft  R={requests:<4d} {seconds * 1e3:8.2f} ms")
 
-    return CostModel(device=backend.device_prior(), source="measured", verify_tokens=grid,
-                     context_lens=list(context_lens), verify_seconds=verify_seconds, draft_requests=draft_requests,
-                     draft_seconds=draft_seconds,
-                     max_query_tokens_per_request=backend.max_query_tokens_per_request,
-                     meta={"backend": backend.name, "dtype": str(engine.dtype).replace("torch.", ""),
-                           "gamma": engine.gamma, "max_batch_size": slots, "repeats": repeats,
-                           "date": date.today().isoformat(), "torch": str(torch.__version__)})
+__all__ = ["profile_engine"]

@@ -104,16 +104,45 @@ def speed_table(results: dict) -> list:
     return lines
 
 
+def _modes(row: dict) -> list:
+    """The timed configurations of a concurrency row (its tokens/s entries)."""
+    return [k for k, v in row.items() if k != "concurrency" and isinstance(v, (int, float))]
+
+
 def concurrency_table(results: dict) -> list:
     rows = results["concurrency"]
-    modes = [k for k in rows[0] if k != "concurrency"]
+    modes = _modes(rows[0])
     lines = [f"### Tokens/s vs concurrency (greedy, exactly {results['settings']['max_new_tokens']} new tokens per "
-             "request, DSpark draft; the load-aware modes use the backend's analytic cost prior)", "",
+             "request; threshold / causal / budget learn the device's costs online from the analytic prior, "
+             "\"frozen prior\" keeps the prior, \"calibrated\" a `dspark calibrate` profile)", "",
              "| requests | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
     for row in rows:
         best = max(modes, key=row.get)
         lines.append(f"| {row['concurrency']} | " + " | ".join(
             (f"**{row[m]:.0f}**" if m == best else f"{row[m]:.0f}") for m in modes) + " |")
+    lines += [""] + _concurrency_goals(rows, modes)
+    return lines
+
+
+def _concurrency_goals(rows: list, modes: list) -> list:
+    """Issue 13's goal per draft: budget >= 0.97 x max(no speculation, best fixed length) at every
+    concurrency; and the scheduler's share of round time (goal < 2 %)."""
+    lines = []
+    for budget, prefix in (("budget", "fixed "), ("DFlash budget (margin)", "DFlash fixed ")):
+        if budget not in modes:
+            continue
+        ratios = []
+        for row in rows:
+            rivals = [row["no speculation"]] + [row[m] for m in modes if m.startswith(prefix)]
+            ratios.append((row["concurrency"], row[budget] / max(rivals)))
+        worst = min(ratios, key=lambda item: item[1])
+        shares = [row.get("scheduler_share", {}).get(budget) for row in rows]
+        shares = [x for x in shares if x is not None]
+        lines.append(f"- {budget}: " + ", ".join(f"{c}: {r:.2f}" for c, r in ratios) +
+                     f" x max(no speculation, best fixed); worst {worst[1]:.2f} at {worst[0]} (goal >= 0.97: "
+                     f"{_met(worst[1] >= 0.97)})" +
+                     (f"; scheduler share of round time up to {max(shares):.1%} (goal < 2 %: "
+                      f"{_met(max(shares) < 0.02)})" if shares else ""))
     return lines
 
 
@@ -188,7 +217,7 @@ def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
     if "concurrency" in results:
         rows = results["concurrency"]
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        for mode in [k for k in rows[0] if k != "concurrency"]:
+        for mode in _modes(rows[0]):
             ax.plot([r["concurrency"] for r in rows], [r[mode] for r in rows], marker="o", label=mode,
                     linestyle="-" if mode in ("budget", "causal", "threshold", "no speculation") else ":")
         ax.set_xscale("log", base=2)

@@ -3,12 +3,15 @@
 `dspark.cli.build_parser`; same error and output conventions."""
 import json
 import shlex
-from dataclasses import replace
 import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 
-from ..backends import BACKENDS, ENV_VAR
+from ..errors import ConfigError
+from ..files import check_output, write_text_atomic
+from ..ops import SCHEDULE_MODES
+from ..params import DTYPES
+from .args import add_backend, positive_int, positive_int_list, progress
 
 DEMO_PROMPTS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -16,10 +19,6 @@ DEMO_PROMPTS = (
     "Write a python function `is_palindrome` to return True if a string reads the same backwards.",
     "A baker makes 12 loaves an hour for 5 hours and sells 3 loaves for $2. How much money does he make?",
 )
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -31,7 +30,7 @@ def _cmd_demo(args) -> int:
 
     target_dir, draft_dir = reference_model_dir("target"), reference_model_dir(args.draft)
     started = time.perf_counter()
-    _progress(f"loading the built-in reference target ({target_dir.name}, Qwen3 architecture) and its "
+    progress(f"loading the built-in reference target ({target_dir.name}, Qwen3 architecture) and its "
               f"{args.draft} draft ...")
     spec = Engine.from_pretrained(target_dir, draft=draft_dir, backend=args.backend, max_batch_size=1,
                                   dtype="float32", schedule=args.schedule)
@@ -40,7 +39,7 @@ def _cmd_demo(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     for engine in (spec, plain):                 # warm-up: first-call allocations are not decoding speed
         engine.generate([prompts[0]], SamplingParams(max_new_tokens=8))
-    _progress(f"ready in {time.perf_counter() - started:.1f} s on backend {spec.backend.name}\n")
+    progress(f"ready in {time.perf_counter() - started:.1f} s on backend {spec.backend.name}\n")
 
     bold = (lambda text: f"\033[1m{text}\033[0m") if sys.stdout.isatty() else (lambda text: text)
     spec_ids, spec_seconds, rounds, round_tokens = [], 0.0, 0, 0.0
@@ -94,42 +93,46 @@ def _cmd_bench(args) -> int:
         settings.speed_max_new_tokens = args.max_new_tokens
     if args.concurrency:
         settings.concurrency = args.concurrency
+    settings.cost_profile = args.cost_profile
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"acceptance", "speed", "concurrency"}
     if unknown:
-        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; valid: acceptance, speed, concurrency")
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; valid: acceptance, speed, concurrency")
+
+    bad = [d for d in args.draft or () if "=" not in d]
+    if bad:
+        raise ConfigError(f"--draft takes ALGO=DIR (e.g. dspark=./draft), got {', '.join(map(repr, bad))}")
 
     data_dir = args.data or (None if args.prompts else bench.find_eval_dir())
-    sets = bench.load_prompt_sets(data_dir, args.prompts or (), limit=settings.prompts_per_dataset)
     target = args.target or reference_model_dir("target")
     drafts = dict(d.split("=", 1) for d in args.draft) if args.draft else \
         {name: reference_model_dir(name) for name in bench.ALGORITHMS}
+    # Outputs are checked before hours of measurement, against every input they could replace.
+    inputs = [target, *drafts.values(), data_dir, *(args.prompts or ())]
+    out = check_output(args.out, "dir", inputs=inputs)
+    doc = check_output(args.update_doc, "file", flag="--update-doc", inputs=inputs) if args.update_doc else None
+    sets = bench.load_prompt_sets(data_dir, args.prompts or (), limit=settings.prompts_per_dataset)
     assistant = None if args.assistant == "none" else (args.assistant or (None if args.target else
                                                                           reference_model_dir("assistant")))
-    _progress(f"dspark bench ({'quick' if args.quick else 'full'}): {len(sets)} prompt sets "
-              f"({', '.join(f'{k} {len(v)}' for k, v in sets.items())}), drafts {', '.join(drafts)}")
-    models = bench.Models.load(target, drafts, assistant, backend=args.backend)
+    progress(f"dspark bench ({'quick' if args.quick else 'full'}): {len(sets)} prompt sets "
+             f"({', '.join(f'{k} {len(v)}' for k, v in sets.items())}), drafts {', '.join(drafts)}")
+    models = bench.Models.load(target, drafts, assistant, backend=args.backend, dtype=args.dtype)
     started = time.perf_counter()
-    results = bench.run_benchmark(models, sets, settings, sections, progress=_progress)
+    results = bench.run_benchmark(models, sets, settings, sections, progress=progress)
     command = "dspark " + " ".join(shlex.quote(a) for a in args.argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
-    doc = Path(args.update_doc) if args.update_doc else None
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=float) + "\n")
     plots = plot(results, doc.parent if doc else out, prefix="bench_reference" if doc else "plot")
     markdown = to_markdown(results, command, plots)
-    (out / "results.md").write_text(markdown)
+    write_text_atomic(out / "results.md", markdown)
     if doc is not None:
         splice_markdown(doc, markdown)
-        _progress(f"updated {doc}" + (f" and {', '.join(plots.values())} beside it" if plots else ""))
-    _progress(f"finished in {time.perf_counter() - started:.0f} s; results in {out}/results.md and results.json")
+        progress(f"updated {doc}" + (f" and {', '.join(plots.values())} beside it" if plots else ""))
+    progress(f"finished in {time.perf_counter() - started:.0f} s; results in {out}/results.md and results.json")
     print(markdown)
     return 0
 
 
 def add_commands(commands, formatter, para) -> None:
-    from .main import _int_list     # the CLI's comma-separated integer type (cli imports this module lazily)
-
     demo = commands.add_parser(
         "demo", formatter_class=formatter, help="stream the built-in reference models and show the speed-up",
         description=para("Generate answers to a few built-in prompts with the reference target and its DSpark draft "
@@ -139,10 +142,11 @@ def add_commands(commands, formatter, para) -> None:
         epilog="examples:\n  dspark demo\n  dspark demo --draft dflash --max-new-tokens 64\n  dspark demo --json")
     demo.add_argument("--draft", choices=["dspark", "dflash", "eagle3"], default="dspark",
                       help="which reference draft (default: %(default)s)")
-    demo.add_argument("--schedule", choices=["fixed", "threshold", "causal", "budget"], default="fixed",
+    demo.add_argument("--schedule", choices=list(SCHEDULE_MODES), default="fixed",
                       help="verify-length scheduler (default: %(default)s)")
-    demo.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="per prompt (default: %(default)s)")
-    demo.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=96, metavar="N",
+                      help="per prompt (default: %(default)s)")
+    add_backend(demo)
     demo.add_argument("--json", action="store_true", help="print only a JSON summary")
     demo.set_defaults(run=_cmd_demo)
 
@@ -170,14 +174,20 @@ def add_commands(commands, formatter, para) -> None:
     bench.add_argument("--assistant", metavar="DIR",
                        help="standalone draft LM for transformers assisted generation, or 'none' "
                             "(default: the reference assistant with the reference target)")
-    bench.add_argument("--prompts-per-dataset", type=int, metavar="N")
-    bench.add_argument("--speed-prompts", type=int, metavar="N", help="batch-1 speed prompts per dataset")
-    bench.add_argument("--max-new-tokens", type=int, metavar="N")
-    bench.add_argument("--concurrency", type=_int_list, metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
-    bench.add_argument("--repeats", type=int, metavar="N", help="round-robin repeats of each timed configuration")
+    bench.add_argument("--prompts-per-dataset", type=positive_int, metavar="N")
+    bench.add_argument("--speed-prompts", type=positive_int, metavar="N", help="batch-1 speed prompts per dataset")
+    bench.add_argument("--max-new-tokens", type=positive_int, metavar="N")
+    bench.add_argument("--concurrency", type=positive_int_list, metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
+    bench.add_argument("--cost-profile", metavar="FILE.yaml",
+                       help="the concurrency section's calibrated profile (`dspark calibrate`); default: "
+                            "calibrate one first, at the section's concurrencies")
+    bench.add_argument("--dtype", choices=["auto", *DTYPES], default="float32",
+                       help="dtype of dspark's engines (default: %(default)s; auto = the backend's)")
+    bench.add_argument("--repeats", type=positive_int, metavar="N",
+                       help="round-robin repeats of each timed configuration")
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="where results.json / results.md (and plots) go (default: %(default)s)")
     bench.add_argument("--update-doc", metavar="FILE.md",
                        help="replace the marked bench section of this Markdown file (plots written beside it)")
-    bench.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
+    add_backend(bench)
     bench.set_defaults(run=_cmd_bench)

@@ -1,51 +1,52 @@
 """The `dspark` command line: generate, init-draft, info here; the other commands come from the
-modules in COMMAND_MODULES (demo, bench; calibrate, sts, simulate, conformance; regenerate, train).
+modules in COMMAND_MODULES (demo, bench; calibrate, sts, simulate, conformance; regenerate, train; serve).
 
 Each subcommand is a thin layer over the public API (`dspark.Engine`,
-`dspark.init_draft`, `dspark.backends`); option defaults come from the same
-dataclasses the API uses (`SamplingParams`, `EngineConfig`), so the CLI and
-the library cannot drift apart.
+`dspark.init_draft`, `dspark.backends`); engine and sampling flags are generated from the
+dataclasses the API uses (`EngineConfig`, `SamplingParams`; see `args`), so the CLI and the
+library cannot drift apart.
 
-Output contract: results go to stdout (plain text, or one JSON document with
---json); progress and statistics go to stderr. Bad input (a missing
-directory, an unknown backend, a malformed prompt) prints
-`dspark: error: <message>` and exits with status 2, never a traceback.
+Output contract: results go to stdout (plain text, or one JSON document with --json); progress
+and statistics go to stderr. Bad input (a missing directory, an unknown backend, a malformed
+prompt, an output path that cannot be written) prints `dspark: error: <message>` and exits with
+status 2; anything else is a bug and keeps its traceback. A closed stdout is an error before any
+work; a reader that goes away (`dspark generate --stream | head`) ends the command quietly with
+status 141, as a Unix tool killed by SIGPIPE; a full disk behind stdout is one line, status 2.
+Ctrl-C prints one line, status 130.
 """
 import argparse
+import errno
 import importlib
+import io
 import json
 import os
 import platform
 import sys
 import textwrap
 import time
-from dataclasses import MISSING, fields
-from pathlib import Path
+from dataclasses import replace
 from typing import Optional, Sequence
 
 from .. import __version__
 from ..backends import BACKENDS, ENV_VAR, BackendUnavailableError, get_backend
 from ..engine import Engine
-from ..errors import DSparkError
+from ..errors import ConfigError, DSparkError
 from ..models import DRAFT_ALGORITHMS, init_draft
 from ..models.drafts.heads import MARKOV_HEADS
-from ..ops import SCHEDULE_MODES
-from ..params import DTYPES, EngineConfig, SamplingParams
-from ..prompts import prompt_ids
+from ..params import SamplingParams
+from ..prompts import prompt_ids, read_prompts
+from .args import (add_backend, add_engine_flags, add_sampling_flags, engine_config, int_list, non_negative_int,
+                   positive_int, progress, sampling_overrides)
 
 # Modules of dspark.cli that add subcommands: each has add_commands(commands, formatter, para).
-COMMAND_MODULES = ("bench", "scheduling", "training")
-# Exceptions that mean "the user asked for something that cannot work": reported in one line, exit 2.
-USER_ERRORS = (DSparkError, BackendUnavailableError, ValueError, FileNotFoundError, TypeError)
+COMMAND_MODULES = ("bench", "scheduling", "training", "serve", "export")
+# The error net: dspark's own errors (bad settings, data, checkpoints, an unavailable backend)
+# and missing files are the user's to fix, reported in one line with exit status 2. Any other
+# exception is a bug in dspark and keeps its traceback.
+USER_ERRORS = (DSparkError, FileNotFoundError)
 EXIT_USAGE = 2
-
-
-def _default(cls, name: str):
-    """A dataclass field's default, so --help shows the API's defaults."""
-    for f in fields(cls):
-        if f.name == name:
-            return f.default if f.default is not MISSING else None
-    raise KeyError(name)
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141          # 128 + SIGPIPE: what a shell reports for a tool whose reader left
 
 
 def _para(text: str) -> str:
@@ -53,23 +54,7 @@ def _para(text: str) -> str:
     return textwrap.fill(text, width=79)
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- argument types
-def _int_list(text: str) -> list:
-    """'1,2,3' -> [1, 2, 3] (spaces allowed)."""
-    parts = [p for p in text.replace(" ", ",").split(",") if p]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like '1,2,3', got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
+# ----------------------------------------------------------------------------- prompts
 # Prompts from --prompt, --prompt-ids and --prompts-file share one list, so they keep
 # their command-line order; each entry is tagged with where it came from.
 def _text_prompt(text: str) -> tuple:
@@ -77,59 +62,37 @@ def _text_prompt(text: str) -> tuple:
 
 
 def _ids_prompt(text: str) -> tuple:
-    return ("ids", _int_list(text))
+    return ("ids", int_list(text))
 
 
 def _file_prompt(path: str) -> tuple:
     return ("file", path)
 
 
-def _read_prompts_file(path: str) -> list:
-    """JSON lines, each {"turns": [str, ...]} (the first turn is used) or {"prompt": str}."""
-    try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prompts file {path!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read prompts file {path!r}: {exc}") from None
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not valid JSON ({exc.msg})") from None
-        if isinstance(record, dict) and isinstance(record.get("turns"), list) and record["turns"] \
-                and isinstance(record["turns"][0], str):
-            prompts.append(record["turns"][0])
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            prompts.append(record["prompt"])
-        else:
-            raise ValueError(f'{where}: expected an object {{"turns": [str, ...]}} or {{"prompt": str}}')
-    if not prompts:
-        raise ValueError(f"prompts file {path!r} holds no prompts")
-    return prompts
-
-
 def _collect_prompts(entries: Optional[list]) -> list:
-    """The tagged entries in order -> [("text", str) | ("ids", [int])]."""
+    """The tagged entries in order -> [("text", str) | ("ids", [int]) | ("chat", [message])];
+    files are read by `dspark.prompts.read_prompts` (errors name the file and line)."""
     prompts = []
     for kind, value in entries or []:
-        if kind == "file":
-            prompts += [("text", text) for text in _read_prompts_file(value)]
-        else:
+        if kind != "file":
             prompts.append((kind, value))
+            continue
+        for record in read_prompts(value):
+            if "prompt_ids" in record:
+                prompts.append(("ids", record["prompt_ids"]))
+            elif "messages" in record:
+                prompts.append(("chat", record["messages"]))
+            else:
+                prompts.append(("text", record["prompt"]))
     if not prompts:
-        raise ValueError("no prompts given; use --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE.jsonl")
+        raise ConfigError("no prompts given; use --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE.jsonl")
     return prompts
 
 
 def _apply_chat(tokenizer, prompts: list) -> list:
     """Wrap text prompts in the tokenizer's chat template (one user turn), returning token ids."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        _progress("note: --chat ignored: the target has no tokenizer with a chat template")
+        progress("note: --chat ignored: the target has no tokenizer with a chat template")
         return prompts
     wrapped = []
     for kind, value in prompts:
@@ -143,21 +106,20 @@ def _apply_chat(tokenizer, prompts: list) -> list:
 # ----------------------------------------------------------------------------- generate
 def _cmd_generate(args) -> int:
     # Validate every option before loading anything, so a typo fails in milliseconds.
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
-    config = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, schedule=args.schedule,
-                          verify_len=args.verify_len, threshold=args.threshold, cost_profile=args.cost_profile,
-                          calibration=args.calibration)
+    config = engine_config(args)
+    overrides = sampling_overrides(args)
     prompts = _collect_prompts(args.prompts)
     backend = get_backend(args.backend)
 
     started = time.perf_counter()
-    _progress(f"loading target {args.target} (backend {backend.name}, device {backend.device}) ...")
+    progress(f"loading target {args.target} (backend {backend.name}, device {backend.device}) ...")
     if args.draft is not None:
-        _progress(f"loading draft {args.draft} ...")
+        progress(f"loading draft {args.draft} ...")
     engine = Engine.from_pretrained(args.target, draft=args.draft, backend=backend, **config.to_dict())
-    _progress(f"ready in {time.perf_counter() - started:.1f} s: dtype {str(engine.dtype).replace('torch.', '')}, "
-              f"gamma {engine.gamma}" + ("" if args.draft else " (no draft: plain target decoding)"))
+    progress(f"ready in {time.perf_counter() - started:.1f} s: dtype {str(engine.dtype).replace('torch.', '')}, "
+             f"gamma {engine.gamma}" + ("" if args.draft else " (no draft: plain target decoding)"))
+    # Flags the user left out fall back to the target's generation_config.json.
+    params = replace(engine.default_sampling_params(), **overrides)
 
     if args.chat:
         prompts = _apply_chat(engine.tokenizer, prompts)
@@ -173,7 +135,8 @@ def _cmd_generate(args) -> int:
         document = {
             "backend": backend.name,
             "outputs": [{"index": o.index, "token_ids": o.token_ids, "text": o.text,
-                         "finish_reason": o.finish_reason, "stats": o.stats} for o in outputs],
+                         "finish_reason": o.finish_reason, "stats": o.stats,
+                         **({"error": o.error} if o.error else {})} for o in outputs],
             "elapsed_s": elapsed,
         }
         print(json.dumps(document))
@@ -185,9 +148,9 @@ def _cmd_generate(args) -> int:
     for o in outputs:
         tau = o.stats.get("tau")
         tau_text = f"{tau:.2f}" if tau is not None else "-"
-        _progress(f"[{o.index}] {len(o.token_ids)} tokens, {o.stats.get('rounds', 0)} rounds, tau {tau_text}, "
-                  f"finish {o.finish_reason}")
-    _progress(f"total: {total} tokens in {elapsed:.2f} s ({total / max(elapsed, 1e-9):.1f} tokens/s)")
+        progress(f"[{o.index}] {len(o.token_ids)} tokens, {o.stats.get('rounds', 0)} rounds, tau {tau_text}, "
+                 f"finish {o.finish_reason}" + (f" ({o.error})" if o.error else ""))
+    progress(f"total: {total} tokens in {elapsed:.2f} s ({total / max(elapsed, 1e-9):.1f} tokens/s)")
     return 0
 
 
@@ -222,23 +185,25 @@ def _stream(engine: Engine, inputs: list, params: SamplingParams) -> int:
         out.flush()
     elapsed = time.perf_counter() - started
     for index in sorted(counts):
-        _progress(f"[{index}] {counts[index]} tokens, finish {reasons.get(index, 'length')}")
+        progress(f"[{index}] {counts[index]} tokens, finish {reasons.get(index, 'length')}")
     total = sum(counts.values())
-    _progress(f"total: {total} tokens in {elapsed:.2f} s ({total / max(elapsed, 1e-9):.1f} tokens/s)")
+    progress(f"total: {total} tokens in {elapsed:.2f} s ({total / max(elapsed, 1e-9):.1f} tokens/s)")
     return 0
 
 
 # ----------------------------------------------------------------------------- init-draft
+INIT_FLAGS = ("num_layers", "block_size", "markov_rank", "markov_head_type", "mask_token_id", "target_layer_ids",
+              "seed")
+
+
 def _cmd_init_draft(args) -> int:
-    names = ("num_layers", "block_size", "markov_rank", "markov_head_type", "mask_token_id", "target_layer_ids",
-             "seed")
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    _progress(f"loading target {args.target} ...")
-    path = init_draft(args.target, args.out, algorithm=args.algorithm, **options)
+    options = {name: getattr(args, name) for name in INIT_FLAGS if getattr(args, name) is not None}
+    # init_draft checks --out (not the target, a writable directory) before it loads anything.
+    path = init_draft(args.target, args.out, algorithm=args.algorithm, progress=progress, **options)
     if args.json:
         print(json.dumps({"draft": str(path), "algorithm": args.algorithm}))
     else:
-        _progress(f"wrote an untrained {args.algorithm} draft:")
+        progress(f"wrote an untrained {args.algorithm} draft:")
         print(path)
     return 0
 
@@ -260,7 +225,7 @@ def _backend_report() -> tuple[dict, dict]:
     selection = {"env": ENV_VAR, "value": os.environ.get(ENV_VAR)}
     try:
         selection["resolves_to"] = get_backend(None).name
-    except (BackendUnavailableError, ValueError) as exc:
+    except DSparkError as exc:
         selection["resolves_to"], selection["error"] = None, str(exc)
     return backends, selection
 
@@ -323,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=_para("Generate continuations of one or more prompts. With --draft the target verifies the "
                           "draft's proposals (lossless: greedy output is identical to the target alone); without "
                           "it, plain target decoding. Prompts from --prompt, --prompt-ids and --prompts-file are "
-                          "batched together, in command-line order."),
+                          "batched together, in command-line order. Every engine option and sampling parameter "
+                          "of the Python API has a flag; sampling flags left out follow the target's "
+                          "generation_config.json."),
         epilog="examples:\n"
                "  dspark generate --target ./Qwen3-0.6B --draft ./draft --prompt 'Why is the sky blue?' --chat\n"
                "  dspark generate --target ./tiny --prompt-ids 1,2,3 --max-new-tokens 16 --ignore-eos --json\n"
@@ -331,47 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", required=True, metavar="DIR", help="target model directory (HF format)")
     gen.add_argument("--draft", metavar="DIR", help="draft directory (DeepSpec / dspark format); omit for "
                                                     "plain target decoding")
-    gen.add_argument("--backend", choices=[*BACKENDS, "auto"], default=None,
-                     help=f"device backend (default: ${ENV_VAR}, else auto)")
+    add_backend(gen)
     group = gen.add_argument_group("prompts (repeatable, combined in order)")
     group.add_argument("--prompt", dest="prompts", action="append", type=_text_prompt, metavar="TEXT",
                        help="a text prompt (needs a tokenizer in the target directory)")
     group.add_argument("--prompt-ids", dest="prompts", action="append", type=_ids_prompt, metavar="IDS",
                        help="a prompt as comma-separated token ids, e.g. 1,2,3")
     group.add_argument("--prompts-file", dest="prompts", action="append", type=_file_prompt,
-                       metavar="FILE.jsonl", help='JSON lines: {"turns": [str, ...]} (first turn) or {"prompt": str}')
+                       metavar="FILE.jsonl", help='JSON lines: {"turns": [str, ...]} (first turn), {"prompt": str}, '
+                                                  '{"question": str}, {"messages": [...]} or {"prompt_ids": [int]}')
     group.add_argument("--chat", action="store_true",
                        help="wrap text prompts in the tokenizer's chat template (add_generation_prompt=True)")
-    sampling = gen.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=_default(SamplingParams, "max_new_tokens"),
-                          metavar="N", help="tokens to generate per prompt (default: %(default)s)")
-    sampling.add_argument("--temperature", type=float, default=_default(SamplingParams, "temperature"),
-                          metavar="T", help="0 = greedy (default: %(default)s)")
-    sampling.add_argument("--top-k", type=int, default=_default(SamplingParams, "top_k"), metavar="K",
-                          help="0 = off (default: %(default)s)")
-    sampling.add_argument("--top-p", type=float, default=_default(SamplingParams, "top_p"), metavar="P",
-                          help="1 = off (default: %(default)s)")
-    sampling.add_argument("--seed", type=int, default=None, metavar="S",
-                          help="per-request seed for reproducible sampling (default: random)")
-    sampling.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
-    engine = gen.add_argument_group("engine")
-    engine.add_argument("--schedule", choices=SCHEDULE_MODES, default=_default(EngineConfig, "schedule"),
-                        help="fixed: verify --verify-len drafts (default: the whole block); threshold: while the "
-                             "draft's survival >= --threshold; causal: paper Algorithm 1 against the device cost "
-                             "model; budget: the zero-overhead load-aware variant. All but fixed need a DSpark "
-                             "draft (default: %(default)s)")
-    engine.add_argument("--cost-profile", metavar="FILE.yaml",
-                        help="measured cost profile from `dspark calibrate` (default: the backend's analytic prior)")
-    engine.add_argument("--calibration", choices=["offline", "online"], default="offline",
-                        help="online: keep refitting the confidence temperatures while generating")
-    engine.add_argument("--verify-len", type=int, default=None, metavar="N",
-                        help="drafted tokens verified per round with --schedule fixed")
-    engine.add_argument("--threshold", type=float, default=_default(EngineConfig, "threshold"), metavar="X",
-                        help="survival threshold for --schedule threshold (default: %(default)s)")
-    engine.add_argument("--max-batch-size", type=int, default=_default(EngineConfig, "max_batch_size"),
-                        metavar="N", help="requests decoded together; more prompts queue (default: %(default)s)")
-    engine.add_argument("--dtype", choices=["auto", *DTYPES], default=_default(EngineConfig, "dtype"),
-                        help="weights dtype; auto = the backend's default (default: %(default)s)")
+    add_sampling_flags(gen.add_argument_group("sampling (dspark.SamplingParams)"))
+    add_engine_flags(gen.add_argument_group("engine (dspark.EngineConfig)"))
     output = gen.add_argument_group("output").add_mutually_exclusive_group()
     output.add_argument("--stream", action="store_true", help="print text as it is accepted")
     output.add_argument("--json", action="store_true", help="print one JSON document with ids, text and stats")
@@ -382,19 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
         "init-draft", formatter_class=formatter, help="create an untrained draft sized for a target",
         description=_para("Create an untrained draft directory (config.json + model.safetensors, DeepSpec layout) "
                           "shaped for a target: embedding and LM head copied from the target, other weights random. "
-                          "Options left out take the algorithm's defaults or follow the target."),
+                          "Options left out take the algorithm's defaults or follow the target. An existing draft "
+                          "in --out is replaced; --out may not be the target or hold another model."),
         epilog="example:\n  dspark init-draft --target ./Qwen3-0.6B --out ./draft --num-layers 2 --block-size 7")
     init.add_argument("--target", required=True, metavar="DIR", help="target model directory (HF format)")
     init.add_argument("--out", required=True, metavar="DIR", help="where to write the draft")
     init.add_argument("--algorithm", choices=list(DRAFT_ALGORITHMS), default="dspark",
                       help="draft algorithm (default: %(default)s)")
-    init.add_argument("--num-layers", type=int, metavar="N", help="draft decoder layers")
-    init.add_argument("--block-size", type=int, metavar="N", help="tokens drafted per round (gamma)")
-    init.add_argument("--markov-rank", type=int, metavar="R", help="rank of the Markov transition (dspark)")
+    init.add_argument("--num-layers", type=positive_int, metavar="N", help="draft decoder layers")
+    init.add_argument("--block-size", type=positive_int, metavar="N", help="tokens drafted per round (gamma)")
+    init.add_argument("--markov-rank", type=non_negative_int, metavar="R",
+                      help="rank of the Markov transition (dspark; 0 = none)")
     init.add_argument("--markov-head-type", choices=list(MARKOV_HEADS), help="Markov head variant (dspark)")
-    init.add_argument("--mask-token-id", type=int, metavar="ID", help="token id used for mask slots "
-                                                                      "(default: the last vocabulary id)")
-    init.add_argument("--target-layer-ids", type=_int_list, metavar="IDS",
+    init.add_argument("--mask-token-id", type=non_negative_int, metavar="ID",
+                      help="token id used for mask slots (default: the last vocabulary id)")
+    init.add_argument("--target-layer-ids", type=int_list, metavar="IDS",
                       help="target layers whose hidden states feed the draft, e.g. 1,9,17")
     init.add_argument("--seed", type=int, metavar="S", help="seed for the random weights")
     init.add_argument("--json", action="store_true", help='print {"draft": path, "algorithm": name}')
@@ -414,21 +355,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OutputClosed(Exception):
+    """Standard output could not be written (the reader left, the disk behind it is full)."""
+
+
+class _GuardedStdout(io.TextIOBase):
+    """sys.stdout during a command: a failed write or flush raises OutputClosed, which the
+    error net tells apart from an OSError of the command's own files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as exc:
+            raise OutputClosed(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise OutputClosed(exc) from exc
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's final flush of what is still
+    buffered cannot fail again and print 'Exception ignored ...' (Python's documented recipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+    except (OSError, AttributeError, ValueError):      # no real descriptor (tests capture stdout)
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if sys.stderr is None:           # stderr closed: progress lines must not fall through to stdout
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:           # `dspark ... >&-`: the results would vanish without a word
+        print("dspark: error: standard output is closed; redirect it to a file (or to /dev/null to "
+              "discard the results)", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:        # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.argv = list(sys.argv[1:] if argv is None else argv)    # for reports that record their command
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
     except USER_ERRORS as exc:
         print(f"dspark: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("dspark: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except OutputClosed as exc:
+        _discard_stdout()
+        cause = exc.__cause__
+        if isinstance(cause, BrokenPipeError) or getattr(cause, "errno", None) == errno.EPIPE:
+            return EXIT_BROKEN_PIPE  # the reader has what it wanted (`| head`): nothing to report
+        print(f"dspark: error: cannot write the results to standard output: {cause}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -2,78 +2,71 @@
 (confidence temperatures for a draft) and `simulate` (serving at any concurrency).
 Registered by `dspark.cli.build_parser`; same error and output conventions."""
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..backends import BACKENDS, ENV_VAR, get_backend
+from ..backends import ENV_VAR, get_backend
 from ..bench.profiling import profile_engine
 from ..bench.sts import fit_from_engine
 from ..bench.simulator import DEFAULT_CONCURRENCY, markdown_table, plot, plot_cost_model, rows_as_dicts, simulate
 from ..engine import Engine
+from ..errors import ConfigError, DataError
+from ..files import check_output, write_text_atomic
 from ..models import DraftConfig
 from ..models.checkpoint import model_dir, read_config, target_config
-from ..params import SamplingParams
+from ..params import DTYPES, SamplingParams
+from ..prompts import prompt_ids, read_prompts
 from ..scheduling.cost_model import DEVICE_SPECS, CostModel, ModelSpec, analytic_cost_model, device_spec
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _floats(text: str) -> list:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+from .args import (add_backend, add_engine_flags, engine_config, float_list, positive_int, positive_int_list,
+                   probability, progress)
 
 
 # ----------------------------------------------------------------------------- calibrate
 def _cmd_calibrate(args) -> int:
+    # The outputs first: a measurement that cannot be saved is a measurement thrown away.
+    inputs = [args.target, args.draft]
+    out = check_output(args.out, "file", inputs=inputs)
+    plot_path = check_output(args.plot, "file", flag="--plot", inputs=inputs) if args.plot else None
+    config = engine_config(args)
     backend = get_backend(args.backend)
-    _progress(f"loading {args.target} + {args.draft or 'no draft'} on {backend.name} ...")
-    engine = Engine.from_pretrained(args.target, draft=args.draft, backend=backend,
-                                    max_batch_size=args.max_batch_size, dtype=args.dtype)
+    progress(f"loading {args.target} + {args.draft or 'no draft'} on {backend.name} ...")
+    engine = Engine.from_pretrained(args.target, draft=args.draft, backend=backend, **config.to_dict())
     started = time.perf_counter()
-    profile = profile_engine(engine, context_lens=_ints(args.context_lens), repeats=args.repeats, progress=_progress)
+    profile = profile_engine(engine, context_lens=args.context_lens, repeats=args.repeats, progress=progress)
     profile.meta.update(target=str(args.target), draft=str(args.draft))
-    profile.to_yaml(args.out)
-    _progress(f"profiled in {time.perf_counter() - started:.1f} s; wrote {args.out}")
-    if args.plot:
-        plot_cost_model(profile, args.plot)
-        _progress(f"wrote {args.plot}")
-    print(str(args.out))
+    profile.to_yaml(out)
+    progress(f"profiled in {time.perf_counter() - started:.1f} s; wrote {out}")
+    if plot_path is not None:
+        plot_cost_model(profile, plot_path)
+        progress(f"wrote {plot_path}")
+    print(str(out))
     return 0
 
 
 # ----------------------------------------------------------------------------- sts
 def _cmd_sts(args) -> int:
     draft_path = model_dir(args.draft, "draft")
+    config_path = draft_path / "config.json"
+    if args.write:               # checked before the replay, which is the expensive part
+        check_output(config_path, "file", flag="--draft", inputs=[args.target])
+    prompt_records = read_prompts(args.prompts_file, limit=args.num_prompts) if args.prompts_file else None
     engine = Engine.from_pretrained(args.target, draft=draft_path, backend=args.backend,
-                                    max_batch_size=args.max_batch_size)
+                                    **engine_config(args).to_dict())
     if not engine.draft.has_confidence:
-        raise ValueError(f"draft {draft_path} has no confidence head: STS calibrates DSpark confidences")
-    prompts = _sts_prompts(args, engine)
+        raise ConfigError(f"draft {draft_path} has no confidence head: STS calibrates DSpark confidences")
+    prompts = _sts_prompts(args, engine, prompt_records)
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=i,
                              ignore_eos=True) for i in range(len(prompts))]
-    _progress(f"replaying {len(prompts)} prompts with full-block verification to collect confidences ...")
+    progress(f"replaying {len(prompts)} prompts with full-block verification to collect confidences ...")
     fitted = fit_from_engine(engine, prompts, params)
     temperatures, before, after = fitted["temperatures"], fitted["before"], fitted["after"]
     if args.write:
-        config_path = draft_path / "config.json"
-        config = json.loads(config_path.read_text())
+        config = read_config(draft_path, "draft")
         config["confidence_temperatures"] = temperatures
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-        _progress(f"wrote confidence_temperatures into {config_path}")
+        write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
+        progress(f"wrote confidence_temperatures into {config_path}")
     document = {"temperatures": temperatures, "rounds": fitted["rows"], "held_out_before": before,
                 "held_out_after": after}
     if args.json:
@@ -88,16 +81,14 @@ def _cmd_sts(args) -> int:
     return 0
 
 
-def _sts_prompts(args, engine) -> list:
-    if args.prompts_file:
-        if engine.tokenizer is None:
-            raise ValueError("--prompts-file needs a tokenizer in the target directory; use --random-prompts")
-        prompts = []
-        for number, line in enumerate(Path(args.prompts_file).read_text().splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                prompts.append(record["turns"][0] if "turns" in record else record["prompt"])
-        return prompts[:args.num_prompts]
+def _sts_prompts(args, engine, records) -> list:
+    """Token-id prompts: from --prompts-file (read by dspark.prompts: errors name the file and
+    line), else random ones."""
+    if records is not None:
+        if engine.tokenizer is None and any("prompt_ids" not in r for r in records):
+            raise DataError("--prompts-file has text prompts and the target has no tokenizer; use "
+                            '{"prompt_ids": [...]} lines or --random-prompts')
+        return [prompt_ids(r, engine.tokenizer) for r in records]
     generator = torch.Generator().manual_seed(0)
     vocab = engine.target.config.vocab_size
     return [torch.randint(0, vocab, (int(n),), generator=generator).tolist()
@@ -106,11 +97,12 @@ def _sts_prompts(args, engine) -> list:
 
 # ----------------------------------------------------------------------------- simulate
 def _cmd_simulate(args) -> int:
+    plot_path = check_output(args.plot, "file", flag="--plot") if args.plot else None
     if args.profile:
         cost = CostModel.from_yaml(args.profile)
     else:
         if not args.target:
-            raise ValueError("--device needs --target DIR (its config.json sizes the model); or pass --profile")
+            raise ConfigError("--device needs --target DIR (its config.json sizes the model); or pass --profile")
         target_dir = model_dir(args.target, "target")
         target_cfg = target_config(read_config(target_dir, "target"), str(target_dir / "config.json"))
         draft_cfg = None
@@ -119,12 +111,12 @@ def _cmd_simulate(args) -> int:
             draft_cfg = DraftConfig.from_hf(read_config(draft_dir, "draft"), str(draft_dir / "config.json"))
         cost = analytic_cost_model(device_spec(args.device), ModelSpec.from_configs(target_cfg, draft_cfg))
     acceptance = _acceptance(args)
-    rows = simulate(cost, acceptance, concurrency=_ints(args.concurrency), rounds=args.rounds,
+    rows = simulate(cost, acceptance, concurrency=args.concurrency, rounds=args.rounds,
                     context_len=args.context_len, threshold=args.threshold)
-    if args.plot:
-        plot(rows, args.plot, title=f"{cost.source} cost model: {cost.device}; acceptance "
+    if plot_path is not None:
+        plot(rows, plot_path, title=f"{cost.source} cost model: {cost.device}; acceptance "
                                     + ",".join(f"{a:.2f}" for a in acceptance))
-        _progress(f"wrote {args.plot}")
+        progress(f"wrote {plot_path}")
     if args.json:
         print(json.dumps({"device": cost.device, "source": cost.source, "acceptance": acceptance,
                           "rows": rows_as_dicts(rows)}))
@@ -135,16 +127,25 @@ def _cmd_simulate(args) -> int:
 
 def _acceptance(args) -> list:
     if args.acceptance_file:
-        document = json.loads(Path(args.acceptance_file).read_text())
-        per_output = [o["stats"]["acceptance_by_position"] for o in document.get("outputs", [])]
+        path = args.acceptance_file
+        try:
+            document = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--acceptance-file {path!r} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"--acceptance-file {path!r} is not a JSON document ({exc})") from None
+        try:
+            per_output = [o["stats"]["acceptance_by_position"] for o in document.get("outputs", [])]
+        except (AttributeError, KeyError, TypeError):
+            per_output = []
         if not per_output:
-            raise ValueError(f"{args.acceptance_file} has no outputs[].stats.acceptance_by_position "
-                             "(write one with `dspark generate --json --draft ...`)")
+            raise DataError(f"{path} has no outputs[].stats.acceptance_by_position "
+                            "(write one with `dspark generate --json --draft ...`)")
         columns = list(zip(*per_output))
         return [sum(v for v in col if v is not None) / max(1, sum(v is not None for v in col)) for col in columns]
-    acceptance = _floats(args.acceptance)
-    if not acceptance or not all(0 < a < 1 for a in acceptance):
-        raise ValueError("--acceptance needs per-position conditional acceptance rates in (0, 1)")
+    acceptance = args.acceptance
+    if not all(0 < a < 1 for a in acceptance):
+        raise ConfigError("--acceptance needs per-position conditional acceptance rates in (0, 1)")
     return acceptance
 
 
@@ -152,8 +153,12 @@ def _acceptance(args) -> list:
 def _cmd_conformance(args) -> int:
     from ..conformance import matrix, run
 
-    _progress(f"checking backend {args.backend or 'from $' + ENV_VAR} against the CPU reference ...")
-    results = run(args.backend, dtypes=tuple(args.dtypes.split(",")))
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        raise ConfigError(f"--dtypes takes a comma-separated subset of {', '.join(DTYPES)}, got {args.dtypes!r}")
+    progress(f"checking backend {args.backend or 'from $' + ENV_VAR} against the CPU reference ...")
+    results = run(args.backend, dtypes=dtypes)
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     else:
@@ -172,26 +177,34 @@ def add_commands(commands, formatter, para) -> None:
                          "greedy / sampled, schedulers, end-to-end lossless generation) on a backend and print "
                          "the operation x mode matrix. Exit status 1 when any check fails."),
         epilog="example:\n  dspark conformance --backend cuda")
-    conf.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
-    conf.add_argument("--dtypes", default="float32,bfloat16", metavar="LIST")
+    add_backend(conf)
+    conf.add_argument("--dtypes", default="float32,bfloat16", metavar="LIST",
+                      help="dtypes to check, comma-separated (default: %(default)s)")
     conf.add_argument("--json", action="store_true")
     conf.set_defaults(run=_cmd_conformance)
 
     cal = commands.add_parser(
         "calibrate", formatter_class=formatter, help="measure this device's cost profile for the scheduler",
-        description=para("Time the target forward over B verify tokens (at a few context lengths) and the draft "
-                         "round for R requests on this backend; write a YAML cost profile that "
-                         "`generate --cost-profile` and `simulate --profile` use."),
+        description=para("Run the engine's own online cost estimator offline: decode random prompts at request "
+                         "counts up to --max-batch-size, verify lengths 0..gamma and a few context lengths, time "
+                         "every round (draft and verify) as serving does, and write what it learned as a YAML cost "
+                         "profile that `generate --cost-profile` and `simulate --profile` use (an engine started "
+                         "from it keeps refining it online)."),
         epilog="example:\n  dspark calibrate --target ./tgt --draft ./draft --out cpu.yaml --plot cpu.png")
     cal.add_argument("--target", required=True, metavar="DIR")
     cal.add_argument("--draft", metavar="DIR", help="the draft whose round is timed too")
-    cal.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
-    cal.add_argument("--out", required=True, metavar="FILE.yaml")
+    add_backend(cal)
+    cal.add_argument("--out", required=True, metavar="FILE.yaml",
+                     help="the profile to write (checked before profiling; an existing file is replaced)")
     cal.add_argument("--plot", metavar="FILE.png", help="also plot the profile (needs matplotlib)")
-    cal.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="largest R profiled (default 8)")
-    cal.add_argument("--context-lens", default="64,256", metavar="LIST", help="context buckets (default 64,256)")
-    cal.add_argument("--repeats", type=int, default=5, metavar="N", help="timed repeats; the median is kept")
-    cal.add_argument("--dtype", default="auto")
+    cal.add_argument("--context-lens", type=positive_int_list, default="64,256", metavar="LIST",
+                     help="context buckets (default 64,256)")
+    cal.add_argument("--repeats", type=positive_int, default=5, metavar="N",
+                     help="rounds per (requests, verify length, context) point, at least; each cell keeps "
+                          "the median (default: %(default)s)")
+    add_engine_flags(cal.add_argument_group("engine (largest R profiled = --max-batch-size)"),
+                     only=("dtype", "max_batch_size", "max_model_len", "static_shapes", "graphs"),
+                     defaults={"max_batch_size": 8})
     cal.set_defaults(run=_cmd_calibrate)
 
     sts = commands.add_parser(
@@ -202,15 +215,18 @@ def add_commands(commands, formatter, para) -> None:
         epilog="example:\n  dspark sts --target ./tgt --draft ./draft --random-prompts --num-prompts 64 --write")
     sts.add_argument("--target", required=True, metavar="DIR")
     sts.add_argument("--draft", required=True, metavar="DIR")
-    sts.add_argument("--backend", choices=[*BACKENDS, "auto"])
+    add_backend(sts)
     source = sts.add_mutually_exclusive_group()
-    source.add_argument("--prompts-file", metavar="FILE.jsonl", help='{"turns": [...]} or {"prompt": ...} lines')
+    source.add_argument("--prompts-file", metavar="FILE.jsonl",
+                        help='{"turns": [...]}, {"prompt": ...}, {"messages": [...]} or {"prompt_ids": [...]} lines')
     source.add_argument("--random-prompts", action="store_true", help="random token-id prompts (default)")
-    sts.add_argument("--num-prompts", type=int, default=64, metavar="N")
-    sts.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    sts.add_argument("--num-prompts", type=positive_int, default=64, metavar="N")
+    sts.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
     sts.add_argument("--temperature", type=float, default=1.0, metavar="T")
-    sts.add_argument("--max-batch-size", type=int, default=16, metavar="N")
-    sts.add_argument("--write", action="store_true", help="store the temperatures in the draft's config.json")
+    sts.add_argument("--write", action="store_true",
+                     help="store the temperatures in the draft's config.json (replaced atomically)")
+    add_engine_flags(sts.add_argument_group("engine"), only=("dtype", "max_batch_size"),
+                     defaults={"max_batch_size": 16})
     sts.add_argument("--json", action="store_true")
     sts.set_defaults(run=_cmd_sts)
 
@@ -229,12 +245,14 @@ def add_commands(commands, formatter, para) -> None:
     sim.add_argument("--target", metavar="DIR", help="target directory (config.json only) for --device")
     sim.add_argument("--draft", metavar="DIR", help="draft directory (config.json only) for --device")
     accept = sim.add_mutually_exclusive_group(required=True)
-    accept.add_argument("--acceptance", metavar="LIST", help="per-position conditional acceptance, e.g. 0.8,0.7")
+    accept.add_argument("--acceptance", type=float_list, metavar="LIST",
+                        help="per-position conditional acceptance, e.g. 0.8,0.7")
     accept.add_argument("--acceptance-file", metavar="FILE.json", help="`dspark generate --json` output")
-    sim.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)), metavar="LIST")
-    sim.add_argument("--rounds", type=int, default=64, metavar="N", help="rounds per point (default 64)")
-    sim.add_argument("--context-len", type=int, default=1024, metavar="N")
-    sim.add_argument("--threshold", type=float, default=0.5, metavar="X")
+    sim.add_argument("--concurrency", type=positive_int_list, default=",".join(map(str, DEFAULT_CONCURRENCY)),
+                     metavar="LIST", help="requests served at once, e.g. 1,16,256")
+    sim.add_argument("--rounds", type=positive_int, default=64, metavar="N", help="rounds per point (default 64)")
+    sim.add_argument("--context-len", type=positive_int, default=1024, metavar="N")
+    sim.add_argument("--threshold", type=probability, default=0.5, metavar="X")
     sim.add_argument("--plot", metavar="FILE.png")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(run=_cmd_simulate)

@@ -1,44 +1,42 @@
 """CLI commands for draft training: `regenerate` (target-written responses) and `train`.
 Registered by `dspark.cli.build_parser`; same error and output conventions."""
-import sys
-
-from ..backends import BACKENDS, ENV_VAR
 from ..models import DRAFT_ALGORITHMS
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from .args import add_backend, non_negative_int, positive_int, progress
 
 
 def _cmd_regenerate(args) -> int:
     from ..engine import Engine
     from ..prompts import read_prompts
-    from ..training.data import regenerate
+    from ..training.data import check_regenerate_output, regenerate, regenerate_settings
 
+    # Everything that can be refused is refused before the target loads: the prompts, --out (not
+    # an input, writable, and if it exists a file this command wrote with the same settings).
     prompts = read_prompts(args.prompts, limit=args.limit)
-    _progress(f"loading target {args.target} ...")
+    settings = regenerate_settings(args.max_new_tokens, args.temperature, args.seed)
+    check_regenerate_output(args.out, settings, inputs=[args.prompts, args.target])
+    progress(f"loading target {args.target} ...")
     engine = Engine.from_pretrained(args.target, backend=args.backend, max_batch_size=args.batch_size)
     path = regenerate(engine, prompts, args.out, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, seed=args.seed, progress=_progress)
+                      temperature=args.temperature, seed=args.seed, progress=progress)
     print(str(path))
     return 0
+
+
+# TrainConfig fields that are also flags (same name); the draft's sizes go to draft_options.
+TRAIN_FLAGS = ("target", "data", "out", "algorithm", "steps", "global_batch", "micro_batch", "lr", "num_anchors",
+               "max_length", "precision", "seed", "init", "log_every", "checkpoint_every", "backend", "features",
+               "cache_dir")
+DRAFT_FLAGS = ("num_layers", "block_size", "markov_rank")
 
 
 def _cmd_train(args) -> int:
     from ..training import TrainConfig, train
 
-    options = {k: v for k, v in (("num_layers", args.num_layers), ("block_size", args.block_size),
-                                  ("markov_rank", args.markov_rank)) if v is not None}
-    overrides = dict(target=args.target, data=args.data, out=args.out, algorithm=args.algorithm, steps=args.steps,
-                     global_batch=args.global_batch, micro_batch=args.micro_batch, lr=args.lr,
-                     num_anchors=args.num_anchors, max_length=args.max_length, precision=args.precision,
-                     seed=args.seed, init=args.init, log_every=args.log_every,
-                     checkpoint_every=args.checkpoint_every, backend=args.backend, features=args.features,
-                     cache_dir=args.cache_dir)
-    cfg = TrainConfig.from_yaml(args.config, **overrides)
+    cfg = TrainConfig.from_yaml(args.config, **{name: getattr(args, name) for name in TRAIN_FLAGS})
+    options = {name: getattr(args, name) for name in DRAFT_FLAGS if getattr(args, name) is not None}
     if options:
         cfg.draft_options = {**cfg.draft_options, **options}
-    out = train(cfg, progress=_progress)
+    out = train(cfg, progress=progress, fresh=args.fresh)
     print(str(out))
     return 0
 
@@ -53,13 +51,15 @@ def add_commands(commands, formatter, para) -> None:
                "--out train.jsonl --limit 2000")
     regen.add_argument("--target", required=True, metavar="DIR")
     regen.add_argument("--prompts", required=True, metavar="FILE.jsonl")
-    regen.add_argument("--out", required=True, metavar="FILE.jsonl")
-    regen.add_argument("--limit", type=int, metavar="N", help="use the first N prompts")
-    regen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    regen.add_argument("--out", required=True, metavar="FILE.jsonl",
+                       help="responses are appended; an existing file must come from this command with the same "
+                            "settings (its prompts are skipped)")
+    regen.add_argument("--limit", type=positive_int, metavar="N", help="use the first N prompts")
+    regen.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N")
     regen.add_argument("--temperature", type=float, default=0.0, metavar="T")
-    regen.add_argument("--batch-size", type=int, default=16, metavar="N")
+    regen.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="requests decoded together")
     regen.add_argument("--seed", type=int, default=0, metavar="S")
-    regen.add_argument("--backend", choices=[*BACKENDS, "auto"], help=f"default: ${ENV_VAR}, else auto")
+    add_backend(regen)
     regen.set_defaults(run=_cmd_regenerate)
 
     train = commands.add_parser(
@@ -75,24 +75,28 @@ def add_commands(commands, formatter, para) -> None:
     train.add_argument("--target", metavar="DIR")
     train.add_argument("--algorithm", choices=list(DRAFT_ALGORITHMS))
     train.add_argument("--data", metavar="FILE.jsonl", help="regenerated conversations (dspark regenerate)")
-    train.add_argument("--out", metavar="DIR")
+    train.add_argument("--out", metavar="DIR", help="the run's directory; rerunning resumes it (same settings), "
+                                                    "--fresh starts over")
+    train.add_argument("--fresh", action="store_true",
+                       help="discard an earlier run in --out (checkpoint, initial draft, metrics) and start over")
     train.add_argument("--init", metavar="DIR", help="start from this draft instead of a fresh one")
-    train.add_argument("--steps", type=int, metavar="N")
-    train.add_argument("--global-batch", type=int, metavar="N", help="sequences per step over all processes")
-    train.add_argument("--micro-batch", type=int, metavar="N", help="sequences per forward (accumulation)")
+    train.add_argument("--steps", type=positive_int, metavar="N")
+    train.add_argument("--global-batch", type=positive_int, metavar="N",
+                       help="sequences per step over all processes")
+    train.add_argument("--micro-batch", type=positive_int, metavar="N", help="sequences per forward (accumulation)")
     train.add_argument("--lr", type=float)
-    train.add_argument("--num-anchors", type=int, metavar="N", help="anchors per sequence (default 512)")
-    train.add_argument("--max-length", type=int, metavar="N")
+    train.add_argument("--num-anchors", type=positive_int, metavar="N", help="anchors per sequence (default 512)")
+    train.add_argument("--max-length", type=positive_int, metavar="N")
     train.add_argument("--precision", choices=["fp32", "bf16"])
-    train.add_argument("--num-layers", type=int, metavar="N", help="draft layers (new drafts)")
-    train.add_argument("--block-size", type=int, metavar="N", help="gamma (new drafts)")
-    train.add_argument("--markov-rank", type=int, metavar="R", help="Markov rank (new DSpark drafts)")
+    train.add_argument("--num-layers", type=positive_int, metavar="N", help="draft layers (new drafts)")
+    train.add_argument("--block-size", type=positive_int, metavar="N", help="gamma (new drafts)")
+    train.add_argument("--markov-rank", type=non_negative_int, metavar="R", help="Markov rank (new DSpark drafts)")
     train.add_argument("--seed", type=int)
-    train.add_argument("--log-every", type=int, metavar="N")
-    train.add_argument("--checkpoint-every", type=int, metavar="N")
+    train.add_argument("--log-every", type=positive_int, metavar="N")
+    train.add_argument("--checkpoint-every", type=positive_int, metavar="N")
     train.add_argument("--features", choices=["online", "cached"],
                        help="online (default): the target runs inside each step; cached: precompute once into "
                             "sharded safetensors (size printed first)")
     train.add_argument("--cache-dir", metavar="DIR", help="feature cache location (default: <out>/feature_cache)")
-    train.add_argument("--backend", choices=[*BACKENDS, "auto"])
+    add_backend(train)
     train.set_defaults(run=_cmd_train)

@@ -13,6 +13,12 @@ One round for the R active requests (paper Fig. 1):
                  append the verified positions' target features to the draft's context
 
 With no draft, gamma = 0 and the same loop is plain target decoding: our baseline.
+Learning while serving: every round is timed (the backend's step timer: host timestamps on the
+CPU, device events elsewhere, read after the round's own sync) and feeds the online cost model
+(`engine.cost_model`, dspark.scheduling.online_cost) the planner prices rounds with; for a draft
+without a confidence head the load-aware schedules take confidences from a margin estimator
+(`engine.estimator`, dspark.scheduling.acceptance) refitted from verified rounds. Both change
+only between rounds, from finished ones.
 Synchronisation: the host must know the *total* number of verify tokens to lay out the
 step; where each request's share lives is computed on the device. "fixed" and "budget"
 know it on the host in advance, so their only device->host copy is the commit; "threshold"
@@ -47,7 +53,9 @@ from ..models.batch import StepBatch, consecutive_range
 from ..models.layers import prepare_for_inference
 from ..params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
 from ..prompts import chat_ids, check_messages, is_chat
+from ..scheduling.acceptance import MAX_MARGIN, MarginEstimator, top2_margin
 from ..scheduling.calibration import OnlineSTS, StsTemperatures
+from ..scheduling.online_cost import OnlineCostModel
 from ..scheduling.planner import RoundPlanner, cost_model_for
 from .request import Call, Event, Request
 from .step import VerifyStep
@@ -74,13 +82,7 @@ class Engine:
         self.hidden_layer_ids = list(draft.config.target_layer_ids) if draft is not None else []
         self.generation_defaults = dict(generation_defaults or {})
         self.eos_token_ids = self._stop_tokens(tcfg, tokenizer, self.generation_defaults)
-        if config.schedule != "fixed" and (draft is None or not draft.has_confidence):
-            raise ConfigError(f"schedule={config.schedule!r} needs a draft with a confidence head (a DSpark draft); "
-                              "use schedule='fixed' with this draft")
-        self.cost_model = cost_model_for(backend, tcfg, draft.config if draft else None, config.cost_profile,
-                                         dtype=self.dtype)
-        self.planner = RoundPlanner(config.schedule, self.cost_model, self.gamma, backend.device,
-                                    lag=config.budget_lag, verify_len=config.verify_len, threshold=config.threshold)
+        self._check_acceptance_source(config, draft)
         self.sts, self.online_sts = None, {}
         if draft is not None and draft.has_confidence:
             self.sts = StsTemperatures(self.gamma, draft.config.confidence_temperatures,
@@ -103,6 +105,11 @@ class Engine:
         self.verify_step = VerifyStep(target, backend, self.target_cache, self.hidden_layer_ids,
                                       config.max_batch_size, self.gamma, self.max_model_len, self.static,
                                       self.use_graphs)
+        self.cost_model, self.estimator = self._scheduling_models(config)
+        self.planner = RoundPlanner(config.schedule, self.cost_model, self.gamma, backend.device,
+                                    lag=config.budget_lag, verify_len=config.verify_len, threshold=config.threshold,
+                                    estimator=self.estimator)
+        self._timings: deque = deque(maxlen=64)      # rounds whose times are not read yet
         # One record per round of the current (or last) busy period: requests, verify tokens, host
         # syncs, timings, and (with a confidence head) the raw confidence logits, verify lengths and
         # accepted counts.
@@ -145,6 +152,29 @@ class Engine:
         extra = generation.get("eos_token_id")
         eos.update(int(t) for t in (extra if isinstance(extra, list) else [extra] if extra is not None else []))
         return sorted(eos)
+
+    @staticmethod
+    def _check_acceptance_source(config: EngineConfig, draft) -> None:
+        if config.schedule != "fixed" and draft is None:
+            raise ConfigError(f"schedule={config.schedule!r} needs a draft: its confidence head or the margin "
+                              "estimator gives the confidences it schedules by; without a draft use schedule='fixed'")
+        if config.acceptance in ("head", "both") and draft is not None and not draft.has_confidence:
+            raise ConfigError(f"acceptance={config.acceptance!r} needs a draft with a confidence head (a DSpark "
+                              "draft); use acceptance='margin' (or 'auto') with this draft")
+
+    def _scheduling_models(self, config: EngineConfig):
+        """The cost model the planner prices rounds with (learning online unless frozen) and, when
+        confidences come from the margin estimator, the estimator."""
+        draft = self.draft
+        prior = cost_model_for(self.backend, self.target.config, draft.config if draft else None,
+                               config.cost_profile, dtype=self.dtype)
+        cost = OnlineCostModel(prior, token_buckets=self.verify_step.buckets if self.static else None) \
+            if config.online_costs else prior
+        wanted = config.acceptance in ("margin", "both") or (
+            config.acceptance == "auto" and config.schedule != "fixed" and not draft.has_confidence)
+        estimator = MarginEstimator(self.gamma, num_features=2 if config.acceptance == "both" else 1) \
+            if draft is not None and wanted else None
+        return cost, estimator
 
     def _check_memory(self, slots: int) -> None:
         """Refuse a cache that cannot be allocated before the allocator is asked to try."""
@@ -409,6 +439,7 @@ class Engine:
 
     def _round(self, requests: list) -> None:
         started, syncs_before = time.perf_counter(), self.backend.host_syncs
+        timer = self.backend.step_timer()
         gamma, device = self.gamma, self.backend.device
         sampling, hints = self._sampling_tensors(requests), self._sampling_hints(requests)
         anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long, device=device)
@@ -419,7 +450,7 @@ class Engine:
         record = {"requests": len(requests)}
 
         drafts, verify_lens, num_verify, proposal = self._draft_and_schedule(
-            requests, anchors, uniforms[:, :gamma], starts, slots, caps, sampling, hints, record)
+            requests, anchors, uniforms[:, :gamma], starts, slots, caps, sampling, hints, record, timer)
         query_lens = verify_lens + 1
         logits, hidden, batch = self.verify_step.run(torch.cat([anchors.unsqueeze(1), drafts[0]], dim=1), query_lens,
                                                      starts, slots, len(requests) + num_verify)
@@ -430,12 +461,13 @@ class Engine:
         deliveries = self._commit(requests, result, verify_lens, logits, hidden, batch, proposal, record)
         record.update(verify_tokens=len(requests) + num_verify, host_syncs=self.backend.host_syncs - syncs_before,
                       round_s=time.perf_counter() - started)
+        self._learn_costs(record, timer, max(starts))
         self.round_log.append(record)          # before any caller can see this round's tokens
         for r, tokens in deliveries:
             self._deliver(r, tokens)
 
-    def _draft_and_schedule(self, requests, anchors, uniforms, starts, slots, caps, sampling, hints, record):
-        """Steps 1-3: the plan, the draft block and the verify lengths.
+    def _draft_and_schedule(self, requests, anchors, uniforms, starts, slots, caps, sampling, hints, record, timer):
+        """Steps 1-3: the plan, the draft block (timed) and the verify lengths.
         Returns ((draft tokens [R, W], draft probs [R, W, V]), verify_lens [R], total verified drafts,
         the proposal or None)."""
         num, device = len(requests), self.backend.device
@@ -444,22 +476,38 @@ class Engine:
             if self.draft is not None else None
         schedule_s = time.perf_counter() - scheduled
         record["drafted"] = bool(plan and plan.draft)
+        record["probe"] = bool(plan and plan.probe)
         if not record["drafted"]:
             record["schedule_s"] = schedule_s
             vocab = self.target.config.vocab_size
             empty = (torch.zeros(num, 0, dtype=torch.long, device=device), torch.zeros(num, 0, vocab, device=device))
             return empty, torch.zeros(num, dtype=torch.long, device=device), 0, None
+        timer.mark("draft")
         proposal = self._propose(anchors, starts, slots, uniforms, sampling, hints)
-        confidence = None
-        if proposal.confidence_logits is not None:
-            confidence = self.sts.confidence(proposal.confidence_logits, sampling[0] == 0)
+        timer.mark("drafted")
         scheduled = time.perf_counter()
+        confidence, features = self._confidences(proposal, sampling, hints)
         verify_lens, num_verify = self.planner.verify_lengths(self.backend, plan, confidence, caps, max(starts))
         if num_verify is None:                      # threshold / causal: the one extra device -> host copy
             num_verify = int(self.backend.to_host(verify_lens)[0].sum())
         record["schedule_s"] = schedule_s + time.perf_counter() - scheduled
-        record["_confidence"] = confidence
+        record["_scores"] = (confidence, proposal.confidence_logits, features)
         return (proposal.tokens, proposal.probs), verify_lens, num_verify, proposal
+
+    def _confidences(self, proposal, sampling, hints):
+        """This block's conditional confidences c_k [R, gamma] (device; None when nothing provides
+        them) and the margin estimator's features [R, gamma, F] (None without an estimator)."""
+        if self.estimator is None:
+            if proposal.confidence_logits is None:
+                return None, None
+            return self.sts.confidence(proposal.confidence_logits, sampling[0] == 0), None
+        if hints["all_greedy"]:                     # one-hot rows: every margin is the cap, skip the top-k
+            margin = torch.full(proposal.tokens.shape, MAX_MARGIN, device=self.backend.device)
+        else:
+            margin = top2_margin(proposal.probs)
+        features = margin.unsqueeze(-1) if self.estimator.num_features == 1 else \
+            torch.stack([margin, proposal.confidence_logits.float()], dim=-1)
+        return self.estimator.confidence(features), features
 
     def _propose(self, anchors, starts, slots, uniforms, sampling, hints):
         """The draft round; with fixed shapes, padded to every request row (extra rows read the
@@ -486,13 +534,13 @@ class Engine:
     def _commit(self, requests, result, verify_lens, logits, hidden, batch, proposal, record) -> list:
         """Step 5: the round's one device -> host copy, then advance every request. Returns the
         (request, new tokens) to deliver."""
-        confidence = record.pop("_confidence", None)
-        extra = () if confidence is None else (confidence, proposal.confidence_logits)
+        scores = record.pop("_scores", ())
+        extra = [t for t in scores if t is not None]
         # A row fails only when a logit the emitted tokens came from is not finite (positions past
         # the accepted prefix are discarded anyway: a poisoned *draft* token must not fail a request).
         used = torch.arange(logits.shape[1], device=logits.device) <= result.num_accepted.unsqueeze(1)
         finite = (torch.isfinite(logits).all(dim=-1) | ~used).all(dim=-1)                    # [R]
-        tokens, num_emitted, lens_host, finite, *confidences = self.backend.to_host(
+        tokens, num_emitted, lens_host, finite, *extra = self.backend.to_host(
             result.output_tokens, result.num_emitted, verify_lens, finite, *extra)
         cu = [0] + torch.cumsum(lens_host + 1, 0).tolist()
         context_rows, context_slots, context_positions = [], [], []
@@ -511,8 +559,10 @@ class Engine:
             self.draft.append_context(self.draft_cache, as_tensor(context_slots), as_tensor(context_positions),
                                       hidden[rows], batch.input_ids[rows])
         record.update(verify_lens=lens_host, accepted=num_emitted - 1)
-        if confidences:
-            self._observe_confidences(requests, confidences[0], confidences[1], lens_host, num_emitted - 1, record)
+        if extra:                                   # back in (confidence, head logits, features) order
+            host = iter(extra)
+            self._observe_scores(requests, *[None if t is None else next(host) for t in scores], lens_host,
+                                 num_emitted - 1, record)
         deliveries = []
         for row, r in enumerate(requests):
             if not bool(finite[row]):
@@ -522,9 +572,18 @@ class Engine:
                 deliveries.append((r, self._emit(r, tokens[row, :int(num_emitted[row])].tolist())))
         return deliveries
 
-    def _observe_confidences(self, requests, confidence, logits, verify_lens, accepted, record) -> None:
-        """Feed finished-round confidences to the budget planner and the online calibrator."""
-        self.planner.record([id(r) for r in requests], confidence)
+    def _observe_scores(self, requests, confidence, logits, features, verify_lens, accepted, record) -> None:
+        """Feed a finished round's confidences to the budget planner, its head logits to the online
+        calibrator and its margin features to the estimator (host tensors; any may be None)."""
+        started = time.perf_counter()
+        if confidence is not None:
+            self.planner.record([id(r) for r in requests], confidence)
+        if features is not None:
+            record["acceptance_features"] = features
+            self.estimator.observe(features.numpy(), verify_lens.numpy(), accepted.numpy())
+        record["estimate_s"] = time.perf_counter() - started
+        if logits is None:
+            return
         record["confidence_logits"] = logits
         greedy_rows = torch.tensor([r.params.greedy for r in requests])
         for greedy, online in self.online_sts.items():
@@ -534,6 +593,25 @@ class Engine:
                     self.sts.greedy = list(online.temperatures)
                 else:
                     self.sts.sampled = list(online.temperatures)
+
+    def _learn_costs(self, record: dict, timer, context_len: int) -> None:
+        """Feed the online cost model the measured times of finished rounds: the draft's share
+        from the step timer, the rest of the round (verify, sampling, commit, host bookkeeping)
+        from the round's wall time. Device events are read once complete; a round whose events
+        are not yet done waits in `_timings` for a later round instead of forcing a sync."""
+        if not isinstance(self.cost_model, OnlineCostModel):
+            return
+        started = time.perf_counter()
+        self._timings.append((timer, record["requests"], record["verify_tokens"], context_len, record["round_s"],
+                              record["drafted"]))
+        while self._timings:
+            timer, requests, tokens, context, round_s, drafted = self._timings[0]
+            draft_s = timer.seconds("draft", "drafted") if drafted else None
+            if drafted and draft_s is None:
+                break
+            self._timings.popleft()
+            self.cost_model.observe(requests, tokens, context, max(round_s - (draft_s or 0.0), 0.0), draft_s)
+        record["learn_s"] = time.perf_counter() - started
 
     def _emit(self, r: Request, tokens: list) -> list:
         """Append emitted tokens, cut at a stop token / stop string / max_new_tokens / the context end."""

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..files import atomic_output
 
 PathLike = Union[str, os.PathLike]
 # Prefixes some exporters put in front of parameter names.
@@ -113,8 +114,10 @@ def load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], source
 
 
 def save_weights(module: torch.nn.Module, directory: Path, skip: tuple[str, ...] = ()) -> None:
+    """Write `directory/model.safetensors` atomically (a crash leaves the old file or the new one)."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k not in skip}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_output(Path(directory) / "model.safetensors") as temporary:
+        save_file(state, str(temporary), metadata={"format": "pt"})
 
 
 def load_tokenizer(directory: Path) -> Optional[object]:

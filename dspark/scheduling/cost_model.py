@@ -5,6 +5,8 @@ forward carries B tokens (paper §3.2.2). A `CostModel` is a small table:
 
     verify_seconds[c][i]  time of a target forward over verify_tokens[i] tokens at
                           context bucket context_lens[c]
+    request_seconds       what each request of the batch adds to a round beyond its tokens
+                          (host bookkeeping, reading its own KV cache); 0 in the analytic priors
     draft_seconds[j]      time of a draft round for draft_requests[j] requests
 
 Lookups are monotone in B. Inside the captured graph buckets they are step-shaped
@@ -18,16 +20,21 @@ extrapolated from the last two points. Tables come from two sources:
                model's size, for devices we cannot run on (A100/H100/H200, Ascend 910B/C)
 
 The backend supplies the device facts; nothing here names a device in code paths
-the scheduler takes.
+the scheduler takes. A serving engine does not keep either table as it is: it refits it from
+its own rounds (dspark.scheduling.online_cost), and exports what it learned in this format.
 """
+import bisect
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import yaml
 
+from ..errors import ConfigError
+from ..files import write_text_atomic
 from ..yaml_config import read_config_yaml
 
 
@@ -110,27 +117,40 @@ class CostModel:
     draft_seconds: list = field(default_factory=lambda: [0.0])
     graph_buckets: list = field(default_factory=list)
     max_query_tokens_per_request: Optional[int] = None
+    request_seconds: float = 0.0
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.verify_tokens or sorted(self.verify_tokens) != list(self.verify_tokens):
-            raise ValueError("verify_tokens must be a non-empty ascending list")
+            raise ConfigError("verify_tokens must be a non-empty ascending list")
         if len(self.verify_seconds) != len(self.context_lens) or \
                 any(len(row) != len(self.verify_tokens) for row in self.verify_seconds):
-            raise ValueError("verify_seconds must have one row per context bucket and one column per verify_tokens")
+            raise ConfigError("verify_seconds must have one row per context bucket and one column per verify_tokens")
         if len(self.draft_seconds) != len(self.draft_requests):
-            raise ValueError("draft_seconds must have one entry per draft_requests")
+            raise ConfigError("draft_seconds must have one entry per draft_requests")
         # Monotone by construction: a bigger batch never costs less. Isotonic regression, not a
         # running max, so one noisy spike in a measurement cannot flatten the rest of the curve.
         self.verify_seconds = [_isotonic(row) for row in self.verify_seconds]
         self.draft_seconds = _isotonic(self.draft_seconds)
 
     # ------------------------------------------------------------------ lookups
-    def verify_time(self, tokens: int, context_len: int = 0) -> float:
-        row = self.verify_seconds[self._context_index(context_len)]
+    def verify_time(self, tokens: int, context_len: int = 0, requests: int = 0) -> float:
+        """Seconds of a round's verify part over `tokens` tokens from `requests` requests."""
+        row = self.verify_seconds[self.context_index(context_len)]
         if self.graph_buckets and tokens <= self.graph_buckets[-1]:
             tokens = next(b for b in self.graph_buckets if b >= tokens)
-        return _interpolate(self.verify_tokens, row, tokens)
+        return _interpolate(self.verify_tokens, row, tokens) + self.request_seconds * requests
+
+    def verify_times(self, tokens: np.ndarray, context_len: int = 0, requests: int = 0) -> np.ndarray:
+        """`verify_time` for many token counts at once (the planner builds whole tables)."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        if self.graph_buckets:
+            buckets = np.asarray(self.graph_buckets, dtype=np.float64)
+            inside = tokens <= buckets[-1]
+            padded = buckets[np.minimum(np.searchsorted(buckets, tokens), len(buckets) - 1)]
+            tokens = np.where(inside, padded, tokens)
+        row = self.verify_seconds[self.context_index(context_len)]
+        return _interpolate_many(self.verify_tokens, row, tokens) + self.request_seconds * requests
 
     def draft_time(self, num_requests: int) -> float:
         if num_requests <= 0:
@@ -141,28 +161,25 @@ class CostModel:
                   with_draft: bool = True) -> torch.Tensor:
         """sps[B] for B = 0..max_tokens: 1 / (verify(B) + draft(R)); sps[0] = 0."""
         draft = self.draft_time(num_requests) if with_draft else 0.0
-        times = [self.verify_time(b, context_len) + draft for b in range(1, max_tokens + 1)]
-        return torch.tensor([0.0] + [1.0 / t for t in times], dtype=torch.float64)
+        times = self.verify_times(np.arange(1, max_tokens + 1), context_len, num_requests) + draft
+        return torch.tensor(np.concatenate([[0.0], 1.0 / times]), dtype=torch.float64)
 
-    def _context_index(self, context_len: int) -> int:
-        for i, bucket in enumerate(self.context_lens):
-            if context_len <= bucket:
-                return i
-        return len(self.context_lens) - 1
+    def context_index(self, context_len: int) -> int:
+        """Which context bucket a context length falls in: the first bucket >= it, else the last."""
+        return min(bisect.bisect_left(self.context_lens, context_len), len(self.context_lens) - 1)
 
     # ------------------------------------------------------------------ YAML
     def to_yaml(self, path) -> Path:
-        path = Path(path)
-        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
-        return path
+        """Write the profile atomically: a crash leaves the old profile or the new one."""
+        return write_text_atomic(path, yaml.safe_dump(asdict(self), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path) -> "CostModel":
         data = read_config_yaml(cls, path, "cost profile", " (create one with `dspark calibrate`)")
         try:
             return cls(**data)
-        except TypeError as exc:
-            raise ValueError(f"cost profile {path}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cost profile {path}: {exc}") from None
 
 
 def _isotonic(values: Sequence[float]) -> list:
@@ -188,6 +205,15 @@ def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     x0, x1, y0, y1 = xs[-2], xs[-1], ys[-2], ys[-1]
     return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
+
+
+def _interpolate_many(xs: Sequence[int], ys: Sequence[float], x: np.ndarray) -> np.ndarray:
+    """`_interpolate` over an array of points (same rule: linear inside, extrapolated beyond)."""
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if len(xs) == 1:
+        return np.where(x > xs[0], ys[0] * np.maximum(x, 1) / max(xs[0], 1), ys[0])
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), np.interp(x, xs, ys))
 
 
 # ---------------------------------------------------------------------- analytic priors
@@ -235,5 +261,5 @@ def analytic_cost_model(spec: DeviceSpec, model: ModelSpec, context_lens: Sequen
 def device_spec(name: str) -> DeviceSpec:
     key = name.lower()
     if key not in DEVICE_SPECS:
-        raise ValueError(f"no device prior named {name!r}; known: {', '.join(DEVICE_SPECS)}")
+        raise ConfigError(f"no device prior named {name!r}; known: {', '.join(DEVICE_SPECS)}")
     return DEVICE_SPECS[key]

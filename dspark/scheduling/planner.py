@@ -14,6 +14,21 @@ wrapper around it for one-off use.
     threshold  -                                     survival >= threshold                     2
     causal     draft or not (where Alg. 1 stops)      Algorithm 1 with its early break          2
     budget     draft or not, and the budget K        the top-K current survivals               1
+
+The cost model may be learning (an OnlineCostModel): its `version` changes when it refits, and
+the cached SPS tables are rebuilt then. Its times come from finished rounds only. Confidences
+come from a DSpark draft's head or, for drafts without one, from a MarginEstimator; while that
+estimator is still warming up, drafted rounds verify whole blocks (`RoundPlan.full`), so its
+first fits learn from labels its own choices did not censor.
+
+Never lock in: when history says drafting does not pay, the planner still drafts one probe
+round after `probe_every` skipped rounds, then after twice as many, up to `max_probe_every`
+(probes cost time when no speculation is right); a load change (the request count moving to
+another power-of-two bucket) or a round where drafting pays again resets the interval, and the
+first probe after a load change comes within two rounds. A probe verifies at most R / 4 drafted
+tokens (its best budget, capped): enough to refresh the confidence history and to time the draft
+and a bigger verify, so a wrong "no speculation" is corrected by measurement, and cheap when
+no speculation is right.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -29,9 +44,12 @@ from .cost_model import CostModel, ModelSpec, analytic_cost_model, device_spec
 
 @dataclass
 class RoundPlan:
-    """What the host decided before a round: whether to draft, and the budget K (budget mode)."""
+    """What the host decided before a round: whether to draft, the budget K (budget mode), and
+    whether every request verifies its whole block (an estimator warming up)."""
     draft: bool
     budget: Optional[int] = None
+    full: bool = False
+    probe: bool = False
 
 
 def verify_lengths(mode: str, backend, confidence: Optional[torch.Tensor], caps: torch.Tensor, *,
@@ -111,20 +129,21 @@ def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] =
 
 
 class RoundPlanner:
-    """Scheduling state of one engine: the mode, SPS tables and confidence history.
+    """Scheduling state of one engine: the mode, SPS tables, confidence history and probing.
 
     Before each round of a load-aware mode, `before_round` decides from history alone whether
     drafting pays and, for budget mode, the token budget K. When it does not pay, the round
-    decodes plainly; every `probe_every` skipped rounds one round drafts anyway, so that the
-    history cannot go stale (a round count, not a token, decides: lossless).
+    decodes plainly, except for probe rounds (see the module docstring); a round count and the
+    request count decide when to probe, never a token: lossless.
     """
 
-    def __init__(self, mode: str, cost: CostModel, gamma: int, device, lag: int = 2, context_bucket: int = 256,
-                 probe_every: int = 8, verify_len: Optional[int] = None, threshold: float = 0.5):
+    def __init__(self, mode: str, cost, gamma: int, device, lag: int = 2, probe_every: int = 8,
+                 max_probe_every: int = 64, verify_len: Optional[int] = None, threshold: float = 0.5,
+                 estimator=None):
         self.mode, self.cost, self.gamma, self.device, self.lag = mode, cost, gamma, device, lag
-        self.verify_len, self.threshold = verify_len, threshold
-        self.context_bucket, self.probe_every = context_bucket, probe_every
-        self._skipped = 0
+        self.verify_len, self.threshold, self.estimator = verify_len, threshold, estimator
+        self.probe_every, self.max_probe_every = probe_every, max_probe_every
+        self._skipped, self._interval, self._load = 0, probe_every, None
         self._tables: dict = {}
         self._history: dict = {}                       # request key -> deque of [gamma] confidences
         # Before a request has history, the population's running mean stands in. It starts
@@ -135,18 +154,27 @@ class RoundPlanner:
     def load_aware(self) -> bool:
         return self.mode in ("causal", "budget")
 
+    def use_cost_model(self, cost) -> None:
+        """Price rounds with another cost model from now on (the cached tables are dropped)."""
+        self.cost = cost
+        self._tables.clear()
+
     def sps(self, num_requests: int, context_len: int, with_draft: bool = True, on_device: bool = True):
-        """The SPS table for this batch size and context bucket (cached): a device tensor for
-        the schedule op, or a NumPy array for the host planner."""
-        bucket = (context_len // self.context_bucket + 1) * self.context_bucket
-        key = (num_requests, bucket, with_draft, on_device)
-        if key not in self._tables:
-            table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, bucket, with_draft)
-            self._tables[key] = table.to(self.device) if on_device else table.numpy()
-        return self._tables[key]
+        """The SPS table for this batch size and context bucket (cached until the cost model
+        refits): a device tensor for the schedule op, or a NumPy array for the host planner."""
+        bucket = self.cost.context_index(context_len)
+        key, version = (num_requests, bucket, with_draft, on_device), getattr(self.cost, "version", 0)
+        cached = self._tables.get(key)
+        if cached is None or cached[0] != version:
+            table = self.cost.sps_table(num_requests * (self.gamma + 1), num_requests, self.cost.context_lens[bucket],
+                                        with_draft)
+            cached = self._tables[key] = (version, table.to(self.device) if on_device else table.numpy())
+        return cached[1]
 
     def before_round(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         """Whether this round drafts, and its budget: from history only, before the draft runs."""
+        if self.mode != "fixed" and self.estimator is not None and self.estimator.needs_full_blocks:
+            return RoundPlan(draft=True, budget=sum(max(cap, 0) for cap in caps), full=True)
         if not self.load_aware:
             return RoundPlan(draft=True)
         # A request's oldest kept confidences: `lag` drafted rounds back when it has them, else
@@ -156,20 +184,32 @@ class RoundPlanner:
         with_draft = self.sps(num, context_len, on_device=False)
         budget = ops.plan_budget(earlier, with_draft, self.sps(num, context_len, with_draft=False, on_device=False),
                                  caps_array, early_break=self.mode == "causal")
-        if budget is None:
-            self._skipped += 1
-            if self._skipped < self.probe_every:
-                return RoundPlan(draft=False)
-            budget = ops.plan_budget(earlier, with_draft, None, caps_array)      # probe: the best K anyway
-        self._skipped = 0
-        return RoundPlan(draft=True, budget=budget)
+        if budget is not None:
+            self._skipped, self._interval = 0, self.probe_every
+            return RoundPlan(draft=True, budget=budget)
+        if not self._probe_due(num):
+            return RoundPlan(draft=False)
+        best = ops.plan_budget(earlier, with_draft, None, caps_array)
+        return RoundPlan(draft=True, budget=min(best, max(1, num // 4)), probe=True)
+
+    def _probe_due(self, num_requests: int) -> bool:
+        """Count a skipped round; True when this one should draft anyway (a probe)."""
+        load = max(num_requests, 1).bit_length()               # power-of-two bucket of the load
+        if load != self._load:
+            self._load, self._interval = load, self.probe_every
+            self._skipped = max(self._skipped, self.probe_every - 2)
+        self._skipped += 1
+        if self._skipped < self._interval:
+            return False
+        self._skipped, self._interval = 0, min(2 * self._interval, self.max_probe_every)
+        return True
 
     def verify_lengths(self, backend, plan: RoundPlan, confidence: Optional[torch.Tensor], caps: list,
                        context_len: int) -> tuple[torch.Tensor, Optional[int]]:
         """This round's verify lengths [R] (device) and, when known without a sync, their sum."""
         caps_tensor = torch.tensor(caps, dtype=torch.long, device=self.device).clamp(min=0)
-        if self.mode == "fixed":           # known on the host: no device work at all
-            length = self.gamma if self.verify_len is None else self.verify_len
+        if self.mode == "fixed" or plan.full:        # known on the host: no device work at all
+            length = self.gamma if self.verify_len is None or plan.full else self.verify_len
             lens = [max(0, min(length, cap)) for cap in caps]
             return torch.tensor(lens, dtype=torch.long, device=self.device), sum(lens)
         sps = self.sps(len(caps), context_len) if self.mode == "causal" else None

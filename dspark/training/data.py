@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import ConfigError, DataError
+from ..files import check_output
 from ..prompts import prompt_ids
 
 
@@ -27,32 +29,66 @@ def record_key(prompt: list) -> str:
     return hashlib.sha256(json.dumps(list(prompt)).encode()).hexdigest()[:20]
 
 
+def regenerate_settings(max_new_tokens: int, temperature: float, seed: int) -> dict:
+    """What a regenerated file's header records; a rerun must match it to resume."""
+    return {"max_new_tokens": max_new_tokens, "temperature": float(temperature), "seed": seed}
+
+
+def check_regenerate_output(out_path, settings: dict, inputs=()) -> set:
+    """Check `out_path` before any work (the output guard, then the header of an existing file:
+    written by dspark, with the same settings). Returns the keys already there."""
+    out_path = check_output(out_path, "file", inputs=inputs)
+    return _read_regenerated(out_path, settings) if out_path.is_file() else set()
+
+
 def _read_regenerated(path: Path, settings: dict) -> set:
     """Keys already in `path`. Its header must record the same settings; a file without a
-    dspark header (an unrelated JSONL) is refused rather than appended to."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        return set()
+    dspark header (an unrelated JSONL) is refused rather than appended to. A last line cut off
+    by a crash (no newline, not JSON) is dropped, so the run resumes instead of failing."""
     try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        header = None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path} ({exc}); choose another --out") from None
+    lines = text.splitlines()
+    if lines and not text.endswith("\n") and not _is_json(lines[-1]):
+        with path.open("r+b") as handle:          # truncate the torn record; the rerun regenerates it
+            handle.truncate(len(text.encode("utf-8")) - len(lines[-1].encode("utf-8")))
+        lines.pop()
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        return set()
+    header = _json_or_none(numbered[0][1])
     if not isinstance(header, dict) or header.get("dspark_regenerate") != REGENERATE_FORMAT:
-        raise ValueError(f"{path} exists and is not a file written by `dspark regenerate`; "
-                         "choose another --out (nothing was written)")
+        raise DataError(f"{path} exists and is not a file written by `dspark regenerate`; "
+                        "choose another --out (nothing was written)")
     recorded = header.get("settings", {})
     differing = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in settings.items() if recorded.get(k) != v]
     if differing:
-        raise ValueError(f"{path} holds responses generated with other settings ({'; '.join(differing)}); "
-                         "use another --out to keep both, or delete the file to start over")
+        raise ConfigError(f"{path} holds responses generated with other settings ({'; '.join(differing)}); "
+                          "use another --out to keep both, or delete the file to start over")
     keys = set()
-    for number, line in enumerate(lines[1:], 2):
-        try:
-            keys.add(json.loads(line)["key"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{number}: not a regenerated record (no 'key'); "
-                             "the file is damaged or was edited by hand") from None
+    for number, line in numbered[1:]:
+        record = _json_or_none(line)
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            raise DataError(f"{path}:{number}: not a regenerated record (no 'key'); "
+                            "the file is damaged or was edited by hand")
+        keys.add(record["key"])
     return keys
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def regenerate(engine, prompts: list, out_path, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -69,7 +105,8 @@ def regenerate(engine, prompts: list, out_path, max_new_tokens: int = 256, tempe
     from ..params import SamplingParams
 
     out_path = Path(out_path)
-    settings = {"max_new_tokens": max_new_tokens, "temperature": float(temperature), "seed": seed}
+    settings = regenerate_settings(max_new_tokens, temperature, seed)
+    done = check_regenerate_output(out_path, settings)
     todo, seen, too_long = [], set(), 0
     for record in prompts:
         ids = prompt_ids(record, engine.tokenizer)
@@ -80,7 +117,6 @@ def regenerate(engine, prompts: list, out_path, max_new_tokens: int = 256, tempe
         if key not in seen:
             seen.add(key)
             todo.append((record, ids, key))
-    done = _read_regenerated(out_path, settings) if out_path.is_file() else set()
     stale = len(done - seen)
     todo = [item for item in todo if item[2] not in done]
     progress(f"regenerating {len(todo)} responses ({len(done) - stale} already in {out_path}"
@@ -92,6 +128,7 @@ def regenerate(engine, prompts: list, out_path, max_new_tokens: int = 256, tempe
                              seed=(seed * 1_000_003 + int(key, 16)) % 2 ** 62) for _, _, key in todo]
     started, finished, tokens = time.perf_counter(), 0, 0
     outputs = {index: [] for index in range(len(todo))}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as sink:
         if not done and out_path.stat().st_size == 0:
             sink.write(json.dumps({"dspark_regenerate": REGENERATE_FORMAT, "settings": settings}) + "\n")
@@ -121,27 +158,46 @@ class Example:
     loss_mask: list        # 1 on response tokens
 
 
-def load_conversations(path, max_length: int = 1024) -> list:
-    """Read regenerated conversations (token-id form) -> Examples with the response masked in."""
+def load_conversations(path, max_length: int = 1024, vocab_size: Optional[int] = None) -> list:
+    """Read regenerated conversations (token-id form) -> Examples with the response masked in.
+    With `vocab_size`, token ids outside [0, vocab_size) are refused (data written for another
+    target). Errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {str(path)!r} does not exist (create it with `dspark regenerate`)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read training data {str(path)!r}: {exc}") from None
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
         if isinstance(record, dict) and "dspark_regenerate" in record:
             continue                      # the header of a `dspark regenerate` file
-        if "prompt_ids" not in record or "response_ids" not in record:
-            raise ValueError(f"{path}:{number}: training records need 'prompt_ids' and 'response_ids' "
-                             "(regenerate them with the target first)")
-        ids = (record["prompt_ids"] + record["response_ids"])[:max_length]
-        mask = ([0] * len(record["prompt_ids"]) + [1] * len(record["response_ids"]))[:max_length]
+        if not isinstance(record, dict) or "prompt_ids" not in record or "response_ids" not in record:
+            raise DataError(f"{where}: training records need 'prompt_ids' and 'response_ids' "
+                            "(regenerate them with the target first: `dspark regenerate`)")
+        prompt, response = record["prompt_ids"], record["response_ids"]
+        for name, ids in (("prompt_ids", prompt), ("response_ids", response)):
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise DataError(f"{where}: {name} must be a list of integer token ids")
+            outside = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+            if outside:
+                limit = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocabulary size)"
+                raise DataError(f"{where}: {name} has token ids outside the target's vocabulary {limit}: "
+                                f"{outside[:5]} (was this file generated for another target?)")
+        ids = (prompt + response)[:max_length]
+        mask = ([0] * len(prompt) + [1] * len(response))[:max_length]
         if sum(mask) >= 2:
             examples.append(Example(ids, mask))
     if not examples:
-        raise ValueError(f"{path} holds no example with at least two response tokens")
+        raise DataError(f"{path} holds no example with at least two response tokens")
     return examples
 
 

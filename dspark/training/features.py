@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import ConfigError
+from ..files import atomic_output, write_text_atomic
 from ..models import StepBatch
 
 LSE_CHUNK = 256      # rows of full-vocabulary logits materialised at once for the log-sum-exp
@@ -78,16 +80,19 @@ class FeatureCache:
         meta = self._meta(target, layer_ids, examples)
         meta_path = self.directory / "cache.json"
         if meta_path.is_file():
-            existing = json.loads(meta_path.read_text())
+            try:
+                existing = json.loads(meta_path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                existing = "unreadable"
             if existing != meta:
-                raise ValueError(f"the feature cache in {self.directory} was built for other data, target or layers "
-                                 f"({existing}); delete it or give another cache directory")
+                raise ConfigError(f"the feature cache in {self.directory} was built for other data, target or layers "
+                                  f"({existing}); delete it or give another cache directory")
         hidden = target.config.hidden_size
         size = self.estimate_bytes(examples, len(layer_ids), hidden, self.dtype)
         progress(f"feature cache: {len(examples)} sequences, {size / 2 ** 20:.1f} MiB "
                  f"(layers {list(layer_ids)} + final hidden, {meta['dtype']}; + log-sum-exp) -> {self.directory}")
         self.directory.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps(meta))
+        write_text_atomic(meta_path, json.dumps(meta))
         index, started, done = {}, __import__("time").perf_counter(), 0
         num_shards = -(-len(examples) // shard_size)
         for shard, start in enumerate(range(0, len(examples), shard_size)):
@@ -107,13 +112,13 @@ class FeatureCache:
                     tensors[f"hidden.{i}"] = h[row, :n].to(self.dtype).cpu().contiguous()
                     tensors[f"last.{i}"] = last[row, :n].to(self.dtype).cpu().contiguous()
                     tensors[f"lse.{i}"] = lse[row, :n].float().cpu().contiguous()
-            save_file(tensors, str(self.directory / (name + ".tmp")))
-            (self.directory / (name + ".tmp")).rename(self.directory / name)
+            with atomic_output(self.directory / name) as temporary:
+                save_file(tensors, str(temporary))
             done += 1
             elapsed = __import__("time").perf_counter() - started
             progress(f"  wrote {name} ({shard + 1}/{num_shards}, {len(chunk)} sequences; "
                      f"ETA {elapsed / done * (num_shards - shard - 1):.0f} s)")
-        (self.directory / "index.json").write_text(json.dumps(index))
+        write_text_atomic(self.directory / "index.json", json.dumps(index))
 
     def load(self, indices, length: int, device, layer_ids: Optional[Sequence[int]] = None) -> tuple:
         """Padded (target_hidden [B, T, m * d], target_last [B, T, d], target_lse [B, T]) for these
@@ -128,7 +133,7 @@ class FeatureCache:
         if layer_ids is not None and list(layer_ids) != cached:
             missing = [i for i in layer_ids if i not in cached]
             if missing:
-                raise ValueError(f"the feature cache in {self.directory} holds layers {cached}, not {missing}")
+                raise ConfigError(f"the feature cache in {self.directory} holds layers {cached}, not {missing}")
             d = self._meta_cached["hidden_size"]
             columns = torch.cat([torch.arange(cached.index(i) * d, (cached.index(i) + 1) * d) for i in layer_ids])
         hidden_rows, last_rows, lse_rows = [], [], []

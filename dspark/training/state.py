@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
+from ..files import atomic_output, write_text_atomic
 
 STATE_DIR = "trainer_state"        # a folder of its own: the draft loader reads every *.safetensors beside it
 STATE_FILE = f"{STATE_DIR}/state.json"
@@ -44,11 +45,12 @@ def save_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, schedu
                 tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
-    save_file(tensors, str(Path(directory) / TENSOR_FILE))
+    with atomic_output(Path(directory) / TENSOR_FILE) as temporary:
+        save_file(tensors, str(temporary))
     record = {"format": FORMAT, "step": int(step), "param_groups": _jsonable(state["param_groups"]),
               "optimizer_scalars": _jsonable(scalars), "scheduler": _jsonable(scheduler.state_dict()),
               "config": _jsonable(config)}
-    (Path(directory) / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    write_text_atomic(Path(directory) / STATE_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def load_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
@@ -57,8 +59,11 @@ def load_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, schedu
     path = directory / STATE_FILE
     try:
         record = json.loads(path.read_text())
-        if record.get("format") != FORMAT:
-            raise ValueError(f"unknown format {record.get('format')!r}")
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise ValueError(f"not a trainer state of format {FORMAT}")
+        missing = [k for k in ("step", "param_groups", "optimizer_scalars", "scheduler") if k not in record]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}")
         tensors = load_file(str(directory / TENSOR_FILE))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as exc:
         raise DataError(f"the trainer state in {directory} is damaged or unreadable ({exc}); "

@@ -27,10 +27,11 @@ from ..backends import get_backend
 from ..errors import ConfigError, DataError
 from ..yaml_config import read_config_yaml
 from ..models import load_draft, load_target, save_draft
-from ..models.checkpoint import model_dir, read_config
+from ..files import check_output, write_text_atomic
+from ..models.checkpoint import model_dir, read_config, target_config
 from ..models.drafts.base import draft_algorithm
-from ..models.drafts.config import default_draft_sizes
-from ..models.drafts.io import init_draft
+from ..models.drafts.config import DraftConfig, default_draft_sizes, draft_config_for_target
+from ..models.drafts.io import draft_parameters, init_draft
 from ..models.layers import prepare_for_inference
 from .batch import TrainBatch
 from .data import collate, global_batch_indices, load_conversations, select_draft_vocab
@@ -81,18 +82,21 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("target", "data", "out"):
             if not getattr(self, name):
-                raise ValueError(f"train config needs '{name}'")
+                raise ConfigError(f"train config needs '{name}' (--{name} on the command line)")
         draft_algorithm(self.algorithm)          # an unknown name lists the registered ones
         if self.features not in ("online", "cached"):
-            raise ValueError(f"features must be 'online' or 'cached', got {self.features!r}")
+            raise ConfigError(f"features must be 'online' or 'cached', got {self.features!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.anchor_density is not None and not 0 < self.anchor_density <= 1:
-            raise ValueError(f"anchor_density must be in (0, 1], got {self.anchor_density!r}")
+            raise ConfigError(f"anchor_density must be in (0, 1], got {self.anchor_density!r}")
         for name in ("steps", "global_batch", "micro_batch", "num_anchors", "max_length", "log_every",
                      "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.draft_options, dict):
+            raise ConfigError(f"draft_options must be a mapping (num_layers, block_size, ...), got {self.draft_options!r}")
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TrainConfig":
@@ -101,6 +105,15 @@ class TrainConfig:
         config = cls(**data)
         config.validate()
         return config
+
+    def check_output(self) -> Path:
+        """The output guard for `out` (and a feature cache directory): not the target, the data or
+        the initial draft, nor a folder holding one of them or a model that is not a draft; a
+        directory this process can write. Cheap: run before anything is loaded."""
+        inputs = [self.target, *self.data_files, self.init]
+        if self.features == "cached" and self.cache_dir:
+            check_output(self.cache_dir, "dir", flag="--cache-dir", inputs=inputs)
+        return check_output(self.out, "dir", flag="--out", inputs=inputs, model="draft")
 
 
 # ---------------------------------------------------------------------------- losses per algorithm
@@ -112,31 +125,41 @@ def training_loss(algorithm: str):
 
 
 # ---------------------------------------------------------------------------- the loop
+RUN_RECORD = "train_config.yaml"     # the settings of the run in an --out directory
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, progress=None, fresh: bool = False):
         """fresh: discard an earlier run in `cfg.out` (its checkpoint, initial draft and log)
-        instead of resuming it."""
+        instead of resuming it. Everything that can be checked without the models is checked
+        first (settings, the output path, the data against the target's vocabulary, a resume's
+        settings), so a mistake costs no loading and deletes nothing."""
         cfg.validate()
         self.cfg = cfg
-        self.out = Path(cfg.out)
+        self.out = cfg.check_output()
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if cfg.global_batch % self.world:
+            raise ConfigError(f"global_batch {cfg.global_batch} must be divisible by the {self.world} processes")
+        self.progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+        target_dir = model_dir(cfg.target, "target")
+        vocab_size = target_config(read_config(target_dir, "target"), str(target_dir / "config.json")).vocab_size
+        self.examples = [e for path in cfg.data_files for e in load_conversations(path, cfg.max_length, vocab_size)]
         if fresh:
             for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "init"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        else:
+            self._check_resumable()
         self.backend = get_backend(cfg.backend)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(self.backend.collective_backend)
-        self.progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
-        if cfg.global_batch % self.world:
-            raise ValueError(f"global_batch {cfg.global_batch} must be divisible by the {self.world} processes")
-        self.target, _ = load_target(cfg.target, self.backend.device, torch.float32)
+        self.target, _ = load_target(target_dir, self.backend.device, torch.float32)
         for p in self.target.parameters():
             p.requires_grad_(False)
         prepare_for_inference(self.target, self.backend)       # frozen: the backend's inference kernels
-        self.examples = [e for path in cfg.data_files for e in load_conversations(path, cfg.max_length)]
-        self._check_resumable()
+        if self.is_main:
+            self._record_settings()
         self.draft = self._make_draft()
         self.trainable = [p for p in self.draft.parameters() if p.requires_grad]
         if self.world > 1:
@@ -173,6 +196,7 @@ class Trainer:
                     options["draft_vocab_size"] = default_draft_sizes(self.target.config)["draft_vocab_size"]
                 if not options["draft_vocab_size"]:           # 0 / None: the full vocabulary
                     options["draft_vocab_size"] = None
+                self._check_memory(draft_config_for_target(self.target.config, cfg.algorithm, **options))
                 vocab_ids = None
                 size = options.get("draft_vocab_size")
                 if size is not None and size < self.target.config.vocab_size:
@@ -183,15 +207,41 @@ class Trainer:
                            progress=self.progress, **options)
             if self.world > 1:
                 dist.barrier()
+        if cfg.init is not None:
+            self._check_memory(DraftConfig.from_hf(read_config(model_dir(source, "draft"), "draft"),
+                                                   str(Path(source) / "config.json")))
         draft = load_draft(model_dir(source, "draft"), self.target.config, self.target)
         if draft.config.algorithm != cfg.algorithm:
-            raise ValueError(f"draft {source} is a {draft.config.algorithm!r} draft, not {cfg.algorithm!r}")
+            raise ConfigError(f"draft {source} is a {draft.config.algorithm!r} draft, not {cfg.algorithm!r}; "
+                              f"pass --algorithm {draft.config.algorithm} or another --init")
         draft.to(self.backend.device)
         # The embedding and LM head are frozen copies of the target's (paper §3.3).
         for module in (draft.embed_tokens, draft.lm_head):
             module.requires_grad_(False)
         self.base_config = read_config(model_dir(source, "draft"), "draft")
         return draft
+
+    def _check_memory(self, draft_cfg: DraftConfig) -> None:
+        """Refuse sizes whose training cannot fit, before the allocator is asked to try. A lower
+        bound: the draft's logits for the micro-batch that holds the longest response (every row
+        is padded to its anchor count: [micro_batch, anchors, block_size, draft vocabulary] in
+        float32) plus the draft's weights, gradients and AdamW moments; activations come on top."""
+        cfg = self.cfg
+        longest = max(sum(e.loss_mask) for e in self.examples) - 1     # anchor candidates of a sequence
+        anchors = min(cfg.num_anchors, longest)
+        if cfg.anchor_density is not None:
+            anchors = min(anchors, math.ceil(cfg.anchor_density * longest))
+        rows = min(cfg.micro_batch, cfg.global_batch // self.world) * anchors * draft_cfg.block_size
+        params = draft_parameters(draft_cfg)
+        frozen = draft_cfg.vocab_size * draft_cfg.hidden_size + draft_cfg.output_size * draft_cfg.hidden_size
+        needed = 4 * rows * draft_cfg.output_size + 16 * max(params - frozen, 0) + 4 * frozen
+        limit = self.backend.memory_limit()
+        if limit is not None and needed > limit:
+            raise ConfigError(f"training this draft needs at least {needed / 2 ** 30:.1f} GiB (logits of {rows} block "
+                              f"positions: micro_batch x {anchors} anchors x block_size {draft_cfg.block_size}, over "
+                              f"{draft_cfg.output_size} tokens; {params / 1e6:.0f} M parameters with AdamW state), "
+                              f"more than the {limit / 2 ** 30:.1f} GiB available; lower block_size, num_anchors, "
+                              "micro_batch or the draft's size")
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_dir(self) -> Path:
@@ -202,23 +252,39 @@ class Trainer:
 
     def _check_resumable(self) -> None:
         """A rerun into an existing --out resumes only with the same settings; otherwise refuse and
-        name the differences (a silent resume would train something other than what was asked)."""
+        name the differences (a silent resume would train something other than what was asked).
+        The settings come from the last checkpoint, else from the run's train_config.yaml (written
+        before the initial draft, so a run stopped before its first checkpoint, or finished, is
+        covered too: its initial draft was made with those settings)."""
         state_file = self._checkpoint_dir() / STATE_FILE
-        if not state_file.is_file():
-            if (self._checkpoint_dir() / "trainer.pt").is_file():
-                raise ConfigError(f"{self._checkpoint_dir()} holds a checkpoint in the old pickle format, which dspark "
-                                 "no longer loads (it could run code); start over with --fresh")
+        record_file = self.out / RUN_RECORD
+        if state_file.is_file():
+            try:
+                previous = json.loads(state_file.read_text())["config"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise DataError(f"{state_file} is damaged ({exc}); start over with --fresh") from None
+        elif (self._checkpoint_dir() / "trainer.pt").is_file():
+            raise ConfigError(f"{self._checkpoint_dir()} holds a checkpoint in the old pickle format, which dspark "
+                              "no longer loads (it could run code); start over with --fresh")
+        elif record_file.is_file():
+            try:
+                previous = yaml.safe_load(record_file.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                raise DataError(f"{record_file} is damaged ({exc}); start over with --fresh") from None
+            if not isinstance(previous, dict):
+                raise DataError(f"{record_file} is damaged (not a mapping); start over with --fresh")
+        else:
             return
-        try:
-            previous = json.loads(state_file.read_text())["config"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-            raise DataError(f"{state_file} is damaged ({exc}); start over with --fresh") from None
         current = json.loads(json.dumps(asdict(self.cfg)))
         differing = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items()
                      if k not in self.RESUME_FREE and previous.get(k) != v]
         if differing:
             raise ConfigError(f"{self.out} holds a run with other settings ({'; '.join(differing)}); resume it with "
-                             "the same settings, start over with --fresh, or choose another --out")
+                              "the same settings, start over with --fresh, or choose another --out")
+
+    def _record_settings(self) -> None:
+        """The run's settings, in its directory before anything else is written there."""
+        write_text_atomic(self.out / RUN_RECORD, yaml.safe_dump(asdict(self.cfg), sort_keys=False))
 
     def _save_checkpoint(self) -> None:
         if not self.is_main:
@@ -245,9 +311,8 @@ class Trainer:
         # The log of a resumed run equals an uninterrupted one: drop what ran after the checkpoint.
         metrics_file = self.out / "metrics.jsonl"
         if self.is_main and metrics_file.is_file():
-            kept = [line for line in metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            metrics_file.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in metrics_file.read_text().splitlines() if _logged_step(line) <= self.step]
+            write_text_atomic(metrics_file, "".join(line + "\n" for line in kept))
         self.progress(f"resumed from {self._checkpoint_dir()} at step {self.step}")
 
     # ------------------------------------------------------------------ one step
@@ -323,11 +388,20 @@ class Trainer:
                 self._save_checkpoint()
         if self.is_main:
             save_draft(self.draft, self.out, self.base_config)
-            (self.out / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            self._record_settings()
             self.progress(f"saved the trained draft to {self.out}")
         if self.world > 1:
             dist.barrier()
         return self.out
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a blank line or one cut off by a crash sorts after every
+    checkpoint, so a resume drops it."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 def train(cfg: TrainConfig, progress=None, fresh: bool = False) -> Path:

@@ -74,24 +74,24 @@ class DraftConfig:
 
     def validate(self) -> None:
         if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEADS:
-            raise ValueError(f"unknown markov_head_type {self.markov_head_type!r}; valid: {', '.join(MARKOV_HEADS)}")
+            raise ConfigError(f"unknown markov_head_type {self.markov_head_type!r}; valid: {', '.join(MARKOV_HEADS)}")
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank <= 0:
-            raise ValueError("confidence_head_with_markov needs a Markov head: set markov_rank > 0, or "
-                             "confidence_head_with_markov=False")
+            raise ConfigError("confidence_head_with_markov needs a Markov head: set markov_rank > 0, or "
+                              "confidence_head_with_markov=False")
         if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+            raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
         for layer_id in self.target_layer_ids:
             if not -1 <= layer_id < self.num_target_layers:
-                raise ValueError(f"target layer id {layer_id} is outside [-1, {self.num_target_layers - 1}]")
+                raise ConfigError(f"target layer id {layer_id} is outside [-1, {self.num_target_layers - 1}]")
         if not self.embed_scale > 0:
-            raise ValueError(f"embed_scale must be positive, got {self.embed_scale}")
+            raise ConfigError(f"embed_scale must be positive, got {self.embed_scale}")
         if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in [1, {self.vocab_size}] (the target vocabulary), "
-                             f"got {self.draft_vocab_size}")
+            raise ConfigError(f"draft_vocab_size must be in [1, {self.vocab_size}] (the target vocabulary), "
+                              f"got {self.draft_vocab_size}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
-            raise ValueError(f"final_logit_softcapping must be positive or None, got {self.final_logit_softcapping}")
+            raise ConfigError(f"final_logit_softcapping must be positive or None, got {self.final_logit_softcapping}")
 
     # The HF-style config.json: the target's config with the draft's own fields on top.
     def to_hf(self, base: Optional[dict] = None) -> dict:
@@ -218,7 +218,7 @@ def default_draft_sizes(target) -> dict:
 def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> DraftConfig:
     unknown = sorted(set(options) - set(INIT_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown draft option(s) {', '.join(unknown)}; valid: {', '.join(INIT_OPTIONS)}")
+        raise ConfigError(f"unknown draft option(s) {', '.join(unknown)}; valid: {', '.join(INIT_OPTIONS)}")
     options.pop("seed", None)
     entry = draft_algorithm(algorithm)
     settings = dict(entry.defaults)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...errors import ConfigError
 from ..batch import KVCache
 from ..layers import MLP, Linear, RMSNorm, Rotary, apply_rope
 from .base import DraftAlgorithm, DraftProposal, register_draft_algorithm
@@ -62,8 +63,8 @@ def check_target_layer_ids(cfg: DraftConfig) -> None:
     """An EAGLE-3 draft fuses exactly three target layers (`init_draft` fills in
     eagle3_target_layer_ids through the registry when the user names none)."""
     if len(cfg.target_layer_ids) != NUM_FUSED_LAYERS:
-        raise ValueError(f"an EAGLE-3 draft fuses exactly {NUM_FUSED_LAYERS} target layers (low, mid, high); "
-                         f"got target_layer_ids={list(cfg.target_layer_ids)}")
+        raise ConfigError(f"an EAGLE-3 draft fuses exactly {NUM_FUSED_LAYERS} target layers (low, mid, high); "
+                          f"got target_layer_ids={list(cfg.target_layer_ids)}")
 
 
 def masked_attention(
@@ -144,10 +145,10 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         cfg.validate()
         if cfg.num_layers != 1:
-            raise ValueError(f"an EAGLE-3 draft has exactly one layer, got num_layers={cfg.num_layers}")
+            raise ConfigError(f"an EAGLE-3 draft has exactly one layer, got num_layers={cfg.num_layers}")
         if cfg.markov_rank > 0 or cfg.enable_confidence_head:
-            raise ValueError("an EAGLE-3 draft has no Markov or confidence head: set markov_rank=0 and "
-                             "enable_confidence_head=False")
+            raise ConfigError("an EAGLE-3 draft has no Markov or confidence head: set markov_rank=0 and "
+                              "enable_confidence_head=False")
         check_target_layer_ids(cfg)
         self.config = cfg
         d = cfg.hidden_size

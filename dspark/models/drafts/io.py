@@ -6,30 +6,35 @@ The layout is DeepSpec's: the target's HF config plus the draft fields
 `hidden_norm`, `layers.{i}.self_attn.q_proj`, `markov_head.markov_w1`, ...),
 so a directory released by DeepSpec loads here and ours loads there.
 """
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, ConfigError
+from ...files import check_output, write_text_atomic
 from ..checkpoint import (PathLike, load_state, model_dir, read_config, read_weights, save_weights,
                           strip_prefix, target_config)
 from ..config import TargetConfig
 from ..gemma_config import gemma_text_config
 from .base import draft_algorithm
-from .config import DraftConfig, check_draft_fits_target, draft_config_for_target
+from .config import DraftConfig, check_draft_fits_target, draft_config_for_target, target_parameters
+from .formats import import_draft
 from .vocab import DraftVocab
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 
 
 def save_draft(model: torch.nn.Module, directory: PathLike, base_config: Optional[dict] = None) -> Path:
+    """Write a draft directory: the weights first, then config.json, each file atomically. The
+    config is what marks a directory as a draft (loaders and the trainer look for it), so a
+    crash part-way leaves no config.json beside missing or half-written weights."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    import json
-
-    (out / "config.json").write_text(json.dumps(model.config.to_hf(base_config), indent=2) + "\n")
     save_weights(model, out)
+    write_text_atomic(out / "config.json", json.dumps(model.config.to_hf(base_config), indent=2) + "\n")
     return out
 
 
@@ -42,16 +47,15 @@ def load_draft(path: PathLike, target_cfg: Optional[TargetConfig], target_model=
     embedding / LM head from the target when the directory leaves them out (they are frozen
     copies of the target's)."""
     directory = model_dir(path, "draft")
-    hf = read_config(directory, "draft")
-    archs = hf.get("architectures") or []
-    if "target_layer_ids" not in hf:
-        raise CheckpointError(f"{directory} does not look like a draft (its config.json has no target_layer_ids; "
-                              f"architectures={archs}). Did you pass the target directory as the draft?")
+    # Any published layout (DeepSpec, z-lab DFlash, EAGLE-3, SGLang, vLLM, speculators), detected
+    # from config.json, arrives here as our config fields and parameter names (formats.py).
+    _, hf, weights = import_draft(directory, read_config(directory, "draft"), read_weights(directory, "draft"),
+                                  target_cfg)
     cfg = DraftConfig.from_hf(hf, source=str(directory / "config.json"))
     if target_cfg is not None:
         check_draft_fits_target(cfg, target_cfg, str(directory))
     model = build_draft(cfg)
-    weights = strip_prefix(read_weights(directory, "draft"), set(model.state_dict()))
+    weights = strip_prefix(weights, set(model.state_dict()))
     missing_shared = load_state(model, weights, directory, optional=SHARED_WITH_TARGET)
     if cfg.reduced_vocab:
         DraftVocab.check(model, str(directory))
@@ -81,25 +85,31 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
     copied in. Options: see `dspark.models.draft.INIT_OPTIONS`. A reduced draft vocabulary
     (`draft_vocab_size` below the target's) needs `draft_vocab_ids`, the target ids of its tokens
     (`dspark.training.data.select_draft_vocab` picks the most frequent response tokens).
-    Returns `out_dir`."""
+
+    `out_dir` is checked first (`dspark.files.check_output`): it may not be or contain the
+    target, nor hold a model that is not a draft; an existing draft there is replaced. Sizes
+    are checked against the block the target's context can hold and the memory the draft
+    would need before anything is allocated. Returns `out_dir`."""
     from ..checkpoint import load_target
 
+    check_output(out_dir, "dir", inputs=[target_dir], model="draft")
     target_path = model_dir(target_dir, "target")
+    check_output(out_dir, "dir", inputs=[target_path], model="draft")    # a GGUF / name resolves elsewhere
     target_hf = read_config(target_path, "target")
     target_cfg = target_config(target_hf, source=str(target_path / "config.json"))
     seed = options.get("seed", 0)
     try:
         cfg = draft_config_for_target(target_cfg, algorithm, **options)
     except TypeError as exc:
-        raise ValueError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
+    params = check_draft_size(cfg, target_cfg)
     if progress is not None:
-        params = sum(p.numel() for p in build_draft(cfg).parameters())
         progress(f"draft: {algorithm}, {cfg.num_layers} layer(s), block {cfg.block_size}, Markov rank "
                  f"{cfg.markov_rank}, vocabulary {cfg.output_size} of {cfg.vocab_size}, target layers "
                  f"{list(cfg.target_layer_ids)} ({params / 1e6:.1f} M parameters incl. the frozen embedding / LM head)")
     if cfg.reduced_vocab and draft_vocab_ids is None:
-        raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} < the target's {cfg.vocab_size} needs the draft "
-                         "tokens (draft_vocab_ids); `dspark train` picks the most frequent ones from its --data")
+        raise ConfigError(f"draft_vocab_size {cfg.draft_vocab_size} < the target's {cfg.vocab_size} needs the draft "
+                          "tokens (draft_vocab_ids); `dspark train` picks the most frequent ones from its --data")
     target, _ = load_target(target_path, torch.device("cpu"), torch.float32)
     torch.manual_seed(seed if seed is not None else 0)
     model = build_draft(cfg)
@@ -118,3 +128,42 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
     base = {k: v for k, v in text_hf.items() if k not in ("architectures", "auto_map")}
     save_draft(model, out_dir, base)
     return str(out_dir)
+
+
+def draft_parameters(cfg: DraftConfig) -> int:
+    """Parameters of the draft `cfg` describes, counted on the meta device (nothing allocated).
+    Layers are identical, so a deep draft is counted from one- and two-layer builds: building a
+    million meta layers would itself take minutes."""
+    def count(config: DraftConfig) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_draft(config).parameters())
+
+    if cfg.num_layers <= 2:
+        return count(cfg)
+    try:
+        one, two = count(replace(cfg, num_layers=1)), count(replace(cfg, num_layers=2))
+    except ConfigError:          # the algorithm fixes its layer count: let it refuse the real one
+        return count(cfg)
+    return one + (cfg.num_layers - 1) * (two - one)
+
+
+def check_draft_size(cfg: DraftConfig, target_cfg) -> int:
+    """Refuse sizes that cannot work before the allocator is asked to try: a block the target's
+    context cannot hold (a round verifies anchor + block_size positions), and a draft that, with
+    the float32 target it is initialised from, needs more memory than the host has. Returns the
+    draft's parameter count."""
+    context = target_cfg.max_position_embeddings
+    if cfg.block_size + 1 > context:
+        raise ConfigError(f"block_size {cfg.block_size} does not fit the target's context of {context} positions "
+                          "(max_position_embeddings); typical blocks are 4 to 16 tokens")
+    params = draft_parameters(cfg)
+    from ...backends import get_backend
+
+    needed = 4 * (params + target_parameters(target_cfg))        # float32 draft + float32 target, no activations
+    limit = get_backend("cpu").memory_limit()
+    if limit is not None and needed > limit:
+        raise ConfigError(f"this draft ({params / 1e6:.0f} M parameters: {cfg.num_layers} layer(s), intermediate size "
+                          f"{cfg.intermediate_size}, Markov rank {cfg.markov_rank}) and its target need "
+                          f"{needed / 2 ** 30:.1f} GiB in float32, more than the {limit / 2 ** 30:.1f} GiB available; "
+                          "choose smaller sizes")
+    return params

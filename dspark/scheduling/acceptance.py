@@ -1,0 +1,156 @@
+"""Acceptance estimates for drafts without a confidence head (DFlash, EAGLE-3), learned while serving.
+
+The load-aware schedules need c_k, the probability that draft k survives given drafts 1..k-1
+did (paper §3.2.1). A DSpark draft predicts it with its confidence head; any other draft still
+says how sure it was: the top-2 margin of the distribution it sampled draft k from,
+
+    m_k = log p_k(first) - log p_k(second)        (the top-2 logit margin; large = peaked)
+
+read from the proposal's `probs` on the device (no draft changes). A per-position logistic
+model turns it into a confidence, c_k = sigmoid(w_k . f_k + b_k), with features f_k = [m_k]
+(or [m_k, z_k] with a confidence head's raw logit z_k: "both"). It is fitted online from
+verified rounds by Newton's method on the log loss over a sliding window of rows, each row a
+(position k reached, features, accepted?) triple: k is reached when the round verified >= k
+drafts and accepted >= k - 1 (the conditional event c_k models).
+
+Censoring: once the schedule uses the estimate, a position is only verified when the estimate
+rated it well, and the model would learn from a biased sample of its own choices. So the first
+`warmup_refits` fits see whole blocks verified (`needs_full_blocks`, which the planner obeys).
+
+Greedy rows sample from one-hot distributions (ops.sampling_probs), so their margin is the
+same large constant and the model reduces to a per-position acceptance rate, learned all the
+same.
+
+Lossless: the margin of p_k is a function of the distribution x_k is drawn from, so of
+x_0..x_{k-1} and never of x_k itself (what a confidence head reads too); the parameters change
+only from finished rounds.
+"""
+from collections import deque
+from typing import Optional
+
+import numpy as np
+import torch
+
+MARGIN_EPS = 1e-6
+MAX_MARGIN = float(-np.log(MARGIN_EPS))              # the margin of a one-hot row (about 13.8)
+
+
+def top2_margin(
+    probs: torch.Tensor,        # [R, gamma, V] the distributions the drafts were sampled from
+) -> torch.Tensor:              # [R, gamma] float32, in [0, log(1 / MARGIN_EPS)]
+    """The top-2 logit margin log p(first) - log p(second) of each draft distribution."""
+    assert probs.dim() == 3, f"probs must be [R, gamma, V], got {tuple(probs.shape)}"
+    top = probs.float().topk(2, dim=-1).values.clamp(min=MARGIN_EPS)
+    return top[..., 0].log() - top[..., 1].log()
+
+
+def acceptance_labels(verify_lens: np.ndarray, accepted: np.ndarray, gamma: int):
+    """-> (reached [R, gamma] bool, label [R, gamma] bool): position k (1-based) is reached when
+    verify_len >= k and accepted >= k - 1; its label is accepted >= k."""
+    k = np.arange(1, gamma + 1)[None, :]
+    lens, acc = np.asarray(verify_lens)[:, None], np.asarray(accepted)[:, None]
+    return (lens >= k) & (acc >= k - 1), acc >= k
+
+
+class MarginEstimator:
+    """Per-position logistic acceptance model over draft features, refitted from finished rounds.
+
+    gamma          block size
+    num_features   1 (margin) or 2 (margin and the confidence head's raw logit)
+    window         rows kept per position (sliding: old rows leave as new ones arrive)
+    refit_every    rounds between refits
+    warmup_refits  refits whose rows come from whole-block verification
+    """
+
+    def __init__(self, gamma: int, num_features: int = 1, window: int = 4096, refit_every: int = 8,
+                 warmup_refits: int = 2, min_rows: int = 16, ridge: float = 1e-2, initial: float = 0.5):
+        self.gamma, self.num_features = gamma, num_features
+        self.window, self.refit_every, self.warmup_refits = window, refit_every, warmup_refits
+        self.min_rows, self.ridge = min_rows, ridge
+        self.weights = np.zeros((gamma, num_features))
+        self.bias = np.full(gamma, float(np.log(initial / (1 - initial))))
+        self._rows = [deque() for _ in range(gamma)]        # per position: (features [n, F], labels [n])
+        self._counts = [0] * gamma
+        self.rounds = self.refits = 0
+        self._device_params: Optional[tuple] = None
+
+    @property
+    def needs_full_blocks(self) -> bool:
+        """Whether rounds should verify whole blocks (uncensored labels for the first refits)."""
+        return self.refits < self.warmup_refits
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features [R, gamma, F] -> acceptance logits [R, gamma] (on the features' device)."""
+        if self._device_params is None or self._device_params[0].device != features.device:
+            self._device_params = (torch.tensor(self.weights, dtype=torch.float32, device=features.device),
+                                   torch.tensor(self.bias, dtype=torch.float32, device=features.device))
+        weights, bias = self._device_params
+        return (features.float() * weights).sum(dim=-1) + bias
+
+    def confidence(self, features: torch.Tensor) -> torch.Tensor:
+        """features [R, gamma, F] -> c_k [R, gamma] in (0, 1)."""
+        return torch.sigmoid(self.logits(features))
+
+    def observe(self, features, verify_lens, accepted) -> bool:
+        """One finished round (host arrays: features [R, gamma, F], verify_lens [R], accepted [R]);
+        returns True when it refitted."""
+        features = np.asarray(features, dtype=np.float64).reshape(-1, self.gamma, self.num_features)
+        reached, label = acceptance_labels(np.asarray(verify_lens), np.asarray(accepted), self.gamma)
+        for k in range(self.gamma):
+            rows = reached[:, k]
+            if rows.any():
+                self._rows[k].append((features[rows, k], label[rows, k].astype(np.float64)))
+                self._counts[k] += int(rows.sum())
+                while self._counts[k] - len(self._rows[k][0][1]) >= self.window:
+                    self._counts[k] -= len(self._rows[k].popleft()[1])
+        self.rounds += 1
+        if self.rounds % self.refit_every or self._counts[0] < self.min_rows:
+            return False
+        self.refit()
+        return True
+
+    def refit(self) -> None:
+        for k in range(self.gamma):
+            if self._counts[k] >= self.min_rows:
+                x = np.concatenate([f for f, _ in self._rows[k]])
+                y = np.concatenate([labels for _, labels in self._rows[k]])
+                self.weights[k], self.bias[k] = _logistic_fit(x, y, self.weights[k], self.bias[k], self.ridge)
+            elif k > 0:                      # too few rows this deep: no more confident than k - 1
+                self.weights[k], self.bias[k] = self.weights[k - 1], min(self.bias[k], self.bias[k - 1])
+        self.refits += 1
+        self._device_params = None
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, bias: float, ridge: float,
+                  steps: int = 25) -> tuple:
+    """Newton's method on the mean log loss of sigmoid(x . w + b), with ridge on w only (a
+    constant feature, as greedy rows give, then leaves w ~ 0 and b = the log-odds of the rate).
+    Warm-started from the current parameters; a step that would not lower the loss is halved."""
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)          # [n, F + 1]
+    penalty = np.full(design.shape[1], ridge)
+    penalty[-1] = 1e-6
+    theta = np.append(weights, bias)
+
+    def loss(t):
+        z = design @ t
+        return float(np.mean(np.logaddexp(0, z) - y * z) + 0.5 * np.sum(penalty * t * t))
+
+    current = loss(theta)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(design @ theta)))
+        gradient = design.T @ (p - y) / len(y) + penalty * theta
+        hessian = (design.T * (p * (1 - p))) @ design / len(y) + np.diag(penalty)
+        step = np.linalg.solve(hessian, gradient)
+        size = 1.0
+        while size > 1e-4 and loss(theta - size * step) > current:
+            size /= 2
+        if size <= 1e-4:
+            break
+        theta = theta - size * step
+        previous, current = current, loss(theta)
+        if previous - current < 1e-10:
+            break
+    return theta[:-1], float(theta[-1])
+
+
+__all__ = ["MAX_MARGIN", "MarginEstimator", "acceptance_labels", "top2_margin"]
