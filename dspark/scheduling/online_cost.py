@@ -10,7 +10,9 @@ Two layers, each robust on its own:
     cells        every (requests R, verify-token key B, context bucket c) the engine has run
                  keeps the median of its last `window` verify times (and every R its draft
                  times); a time more than `outlier_factor` away from its cell's median is
-                 rejected (a GC pause, the machine's other work), so one spike moves nothing
+                 rejected (a GC pause, the machine's other work), so one spike moves nothing;
+                 three rejected times in a row that agree restart the cell (a real change of
+                 speed, or a cell whose first times were spikes, is never locked out)
     correction   an affine map of the prior fitted to the cell medians by ridge regression in
                  relative error:  verify = a + s * prior(R, B, c) + h * R,
                                   draft  = a' + s' * prior_draft(R)
@@ -218,17 +220,36 @@ class OnlineCostModel:
 
 
 class _Cell:
-    """The last `window` accepted times of one cell, their median, and the prior's time for it."""
+    """The last `window` accepted times of one cell, their median, and the prior's time for it.
+
+    A time more than `outlier_factor` from the median of >= 3 kept times is rejected. Rejection
+    must not lock a cell in: if its first times were spikes, or the device really changed speed,
+    every true time would be rejected forever. So `RESTART` rejected times in a row that agree
+    with one another (within the factor of their own median) restart the cell from them."""
+
+    RESTART = 3
 
     def __init__(self, window: int, prior: float):
         self.times: deque = deque(maxlen=window)
+        self.rejected: list = []               # consecutive rejected times, oldest first
         self.median, self.prior = 0.0, prior
 
     def add(self, seconds: float, outlier_factor: float) -> bool:
-        """Keep a time unless it is an outlier against a median of >= 3 times; True if kept."""
+        """Keep a time unless it is an outlier; True if kept (a restart keeps it too)."""
+        seconds = float(seconds)
         if len(self.times) >= 3 and not self.median / outlier_factor <= seconds <= self.median * outlier_factor:
-            return False
-        self.times.append(float(seconds))
+            self.rejected.append(seconds)
+            recent = self.rejected[-self.RESTART:]
+            centre = statistics.median(recent)
+            if len(recent) < self.RESTART or not all(centre / outlier_factor <= t <= centre * outlier_factor
+                                                     for t in recent):
+                return False
+            self.times.clear()
+            self.times.extend(recent)
+            self.median, self.rejected = centre, []
+            return True
+        self.rejected = []
+        self.times.append(seconds)
         self.median = statistics.median(self.times)
         return True
 

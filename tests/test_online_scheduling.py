@@ -1,0 +1,454 @@
+"""The scheduler learns its device (issue 13): the online cost model, the margin acceptance
+estimator, probing out of "no speculation", and losslessness with all of them switched on.
+
+Unit tests drive OnlineCostModel, MarginEstimator and RoundPlanner with simulated step times and
+synthetic acceptance data whose true law is known; engine tests run the built-in reference pair
+(12.6 M target, DFlash / EAGLE-3 drafts without a confidence head) and small test models.
+"""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dspark
+from dspark.backends import Backend, CPUBackend
+from dspark.backends.base import EventTimer
+from dspark.bench.profiling import profile_engine
+from dspark.bench.simulator import scaled_overhead, simulate_online
+from dspark.conformance.testing import make_agreeing_draft, make_target
+from dspark.models import reference_model_dir
+from dspark.scheduling.acceptance import MarginEstimator, acceptance_labels, top2_margin
+from dspark.scheduling.cost_model import CostModel, ModelSpec, analytic_cost_model, device_spec
+from dspark.scheduling.online_cost import OnlineCostModel
+from dspark.scheduling.planner import RoundPlanner
+from stats import chi_square_pvalue
+from test_engine_sampling import VOCAB, empirical_counts, filtered_exact_distribution
+
+CONTEXT = 512
+# A small model on the CPU prior: the step overhead (2 ms) is most of a step, so a prior whose
+# overhead is 2x off is off by nearly 2x (the error issue 13 asks the online model to correct).
+SMALL = ModelSpec(target_params=1_000_000, target_layers=4, hidden_size=128, kv_bytes_per_token=2048,
+                  draft_params=200_000, draft_block=7)
+
+
+def cpu_truth() -> CostModel:
+    return analytic_cost_model(device_spec("cpu"), SMALL)
+
+
+def serve(model: OnlineCostModel, truth: CostModel, rounds: int, rng, noise: float = 0.05, outliers: float = 0.0,
+          requests=(1, 2, 4, 8), gamma: int = 7) -> None:
+    """Feed `rounds` simulated rounds: a mix of loads and verify lengths, times = truth x lognormal
+    noise, a fraction `outliers` of them 10x slower (another process took the core)."""
+    for _ in range(rounds):
+        r = int(rng.choice(requests))
+        tokens = r * (1 + int(rng.integers(0, gamma + 1)))
+        spike = 10.0 if rng.random() < outliers else 1.0
+        verify = truth.verify_time(tokens, CONTEXT, r) * float(np.exp(rng.normal(0, noise))) * spike
+        draft = truth.draft_time(r) * float(np.exp(rng.normal(0, noise)))
+        model.observe(r, tokens, CONTEXT, verify, draft)
+
+
+def relative_error(model, truth: CostModel, requests=range(1, 9), gamma: int = 7, worst: bool = False) -> float:
+    """Mean (or worst) relative error of a round's time (verify + draft) over every (R, B) of these
+    loads, request counts never observed included."""
+    errors = []
+    for r in requests:
+        tokens = np.arange(r, r * (gamma + 1) + 1)
+        true = truth.verify_times(tokens, CONTEXT, r) + truth.draft_time(r)
+        learned = model.verify_times(tokens, CONTEXT, r) + model.draft_time(r)
+        errors.append(np.abs(learned - true) / true)
+    errors = np.concatenate(errors)
+    return float(errors.max() if worst else errors.mean())
+
+
+# ------------------------------------------------------------------------------------ the online cost model
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+def test_online_model_corrects_a_prior_whose_step_overhead_is_2x_off(factor):
+    truth = cpu_truth()
+    model = OnlineCostModel(scaled_overhead(truth, factor))
+    assert relative_error(model, truth) > 0.3                     # the prior really is wrong
+    rng = np.random.default_rng(0)
+    serve(model, truth, 120, rng, requests=(1, 2, 4, 8))           # a bounded number of rounds
+    # Request counts 3, 5, 6, 7 were never run: the fitted correction carries them.
+    assert relative_error(model, truth) < 0.05
+    assert relative_error(model, truth, requests=(3, 5, 6, 7)) < 0.05
+    assert model.version > 0 and model.observations == 120
+
+
+def test_online_model_follows_a_device_that_changes_within_a_window():
+    truth, slower = cpu_truth(), scaled_overhead(cpu_truth(), 1.5)
+    model = OnlineCostModel(truth, window=15)
+    rng = np.random.default_rng(1)
+    serve(model, truth, 80, rng, requests=(4,))
+    serve(model, slower, 80, rng, requests=(4,))   # > window rounds per cell: only new times remain
+    assert relative_error(model, slower, requests=(4,)) < 0.05
+
+
+def test_online_model_is_robust_to_outliers():
+    truth = cpu_truth()
+    model = OnlineCostModel(scaled_overhead(truth, 2.0))
+    rng = np.random.default_rng(2)
+    serve(model, truth, 300, rng, outliers=0.1)
+    assert model.rejected > 0
+    assert relative_error(model, truth) < 0.05
+    # No cell is left on a spike, even one whose first times were spikes.
+    assert relative_error(model, truth, worst=True) < 0.15
+    # Once settled, a burst of spikes in a cell moves nothing ...
+    for _ in range(10):
+        model.observe(3, 9, CONTEXT, truth.verify_time(9, CONTEXT, 3), None)
+    model.refit()
+    before, rejected = model.verify_time(9, CONTEXT, 3), model.rejected
+    for spike in (20, 30):
+        model.observe(3, 9, CONTEXT, spike * before, None)
+    model.refit()
+    assert model.rejected == rejected + 2
+    assert abs(model.verify_time(9, CONTEXT, 3) / before - 1) < 1e-9
+    # ... but a lasting change of speed is not an outlier: the cell restarts from it.
+    for _ in range(3):
+        model.observe(3, 9, CONTEXT, 10 * before, None)
+    assert model._verify_cells[(3, model.context_index(CONTEXT))][9].median == pytest.approx(10 * before)
+
+
+def test_online_model_stays_monotone_in_the_verify_tokens():
+    truth = cpu_truth()
+    model = OnlineCostModel(truth)
+    rng = np.random.default_rng(3)
+    # Cell medians that contradict monotonicity: bigger verifies measured *faster* than smaller ones.
+    for _ in range(15):
+        for tokens, seconds in ((4, 0.02), (8, 0.012), (16, 0.006), (32, 0.009)):
+            model.observe(4, tokens, CONTEXT, seconds * float(np.exp(rng.normal(0, 0.3))), 0.001)
+    for r in (1, 2, 4, 8):
+        times = model.verify_times(np.arange(1, 8 * r + 1), CONTEXT, r)
+        assert np.all(np.diff(times) >= -1e-12), r
+        sps = model.sps_table(8 * r, r, CONTEXT).numpy()[1:]
+        assert np.all(np.diff(sps) <= 1e-12)
+    exported = model.to_cost_model()
+    for row in exported.verify_seconds:
+        assert np.all(np.diff(row) >= -1e-12)
+
+
+def test_learned_model_exports_the_calibrate_format(tmp_path):
+    truth = cpu_truth()
+    model = OnlineCostModel(scaled_overhead(truth, 2.0))
+    serve(model, truth, 120, np.random.default_rng(4))
+    path = model.to_yaml(tmp_path / "learned.yaml")
+    loaded = CostModel.from_yaml(path)
+    assert loaded.source == "measured" and loaded.meta["estimator"] == "online"
+    for r in (1, 4, 8):
+        for tokens in (r, 4 * r, 8 * r):
+            assert abs(loaded.verify_time(tokens, CONTEXT, r) / truth.verify_time(tokens, CONTEXT, r) - 1) < 0.1
+        assert abs(loaded.draft_time(r) / truth.draft_time(r) - 1) < 0.1
+
+
+def test_calibrate_is_the_online_estimator_run_offline(bigram_qwen3, tmp_path):
+    target, draft = bigram_qwen3
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=2, max_model_len=96)
+    profile = profile_engine(engine, context_lens=(32,), repeats=2, requests=[1, 2], verify_lens=[0, 2])
+    assert profile.meta["estimator"] == "online" and profile.source == "measured"
+    assert profile.meta["observations"] > 0 and profile.draft_requests == [1, 2]
+    # The engine's own model is untouched by the calibration run (it drove a model of its own).
+    assert isinstance(engine.cost_model, OnlineCostModel) and engine.planner.cost is engine.cost_model
+    loaded = CostModel.from_yaml(profile.to_yaml(tmp_path / "cpu.yaml"))
+    assert loaded.verify_seconds == profile.verify_seconds
+
+
+# ------------------------------------------------------------------------------------ the engine times itself
+def test_cpu_engine_learns_its_own_round_times_from_a_wrong_prior(tmp_path):
+    """Plain decoding of the reference target from priors 2x too high and 2x too low: each engine's
+    learned step time lands on the median of the times it measured itself."""
+    target = reference_model_dir("target")
+    prompts = [[5, 6, 7, 8], [20, 30, 40, 50]]
+    for factor in (2.0, 0.5):
+        engine = dspark.Engine.from_pretrained(target, backend="cpu", max_batch_size=2, max_model_len=64)
+        prior = scaled_overhead(engine.cost_model.prior, factor)
+        engine = dspark.Engine.from_pretrained(target, backend="cpu", max_batch_size=2, max_model_len=64,
+                                               cost_profile=str(prior.to_yaml(tmp_path / f"prior{factor}.yaml")))
+        engine.generate(prompts, dspark.SamplingParams(max_new_tokens=40, ignore_eos=True))
+        rounds = [r for r in engine.round_log if r["requests"] == 2]
+        measured = float(np.median([r["round_s"] for r in rounds[-15:]]))
+        assert engine.cost_model.observations == len(engine.round_log)
+        learned = engine.cost_model.verify_time(2, 10, 2)
+        assert abs(learned / measured - 1) < 0.1, (factor, learned, measured, prior.verify_time(2, 10, 2))
+
+
+class _LateEvent:
+    """A stand-in device event that completes one round after it is recorded."""
+    pending: list = []
+
+    def __init__(self):
+        self.done, self.at = False, None
+
+    def record(self):
+        self.at = time.perf_counter()
+        _LateEvent.pending.append(self)
+
+    def query(self):
+        return self.done
+
+    def elapsed_time(self, end):
+        return (end.at - self.at) * 1000.0
+
+
+class _EventBackend(CPUBackend):
+    """The CPU backend with device-event step timers: each new round's timer completes the last one's."""
+
+    def step_timer(self):
+        for event in _LateEvent.pending:
+            event.done = True
+        _LateEvent.pending.clear()
+        return EventTimer(_LateEvent)
+
+
+def test_device_event_timers_are_read_later_without_an_extra_sync():
+    target = reference_model_dir("target")
+    engine = dspark.Engine.from_pretrained(target, draft=reference_model_dir("dflash"), backend=_EventBackend(),
+                                           max_batch_size=2, max_model_len=80, schedule="fixed")
+    engine.generate([[5, 6, 7], [9, 10]], dspark.SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert engine.round_host_syncs == [1] * len(engine.round_log)      # timing added no copy
+    # Every round but the last was learned from, one round late (its events completed then).
+    assert engine.cost_model.observations == len(engine.round_log) - 1
+    assert engine.cost_model._draft_cells, "the draft's event-timed share was learned"
+
+
+# ------------------------------------------------------------------------------------ the margin estimator
+def synthetic_rounds(estimator, weights, bias, rounds, requests, rng, head=False):
+    """Full-block rounds whose draft k is accepted with probability sigmoid(w_k . f_k + b_k)."""
+    gamma = len(bias)
+    for _ in range(rounds):
+        margin = rng.uniform(0, 6, size=(requests, gamma))
+        features = np.stack([margin, rng.normal(0, 2, size=(requests, gamma))], -1) if head else margin[..., None]
+        logit = (features * np.asarray(weights)[None]).sum(-1) + np.asarray(bias)[None]
+        survives = rng.random((requests, gamma)) < 1 / (1 + np.exp(-logit))
+        accepted = np.cumprod(survives, axis=1).sum(axis=1)
+        estimator.observe(features, np.full(requests, gamma), accepted)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_margin_estimator_recovers_a_known_logistic_law(head):
+    weights = [[1.0, 0.5], [0.7, -0.3], [0.5, 0.8]] if head else [[1.0], [0.7], [0.5]]
+    bias = [-2.0, -1.0, -0.5]
+    estimator = MarginEstimator(3, num_features=2 if head else 1, window=8192, refit_every=8)
+    synthetic_rounds(estimator, weights, bias, 64, 128, np.random.default_rng(5), head)
+    assert estimator.refits >= 2 and not estimator.needs_full_blocks
+    assert np.abs(estimator.weights - np.asarray(weights)).max() < 0.15
+    assert np.abs(estimator.bias - np.asarray(bias)).max() < 0.35
+    # The confidences it hands the planner are the true conditional acceptance probabilities.
+    grid = torch.linspace(0, 6, 13)
+    features = torch.stack([grid] * 3, dim=1).unsqueeze(-1)                      # [13, 3, 1]
+    if head:
+        features = torch.cat([features, torch.zeros_like(features)], dim=-1)
+    true = torch.sigmoid(features[..., 0] * torch.tensor([w[0] for w in weights]) + torch.tensor(bias))
+    assert (estimator.confidence(features) - true).abs().max() < 0.05
+
+
+def test_labels_count_only_positions_the_round_reached():
+    reached, label = acceptance_labels(np.array([3, 1, 3, 0]), np.array([1, 1, 3, 0]), gamma=3)
+    assert reached.tolist() == [[True, True, False], [True, False, False], [True, True, True],
+                                [False, False, False]]
+    assert label.tolist() == [[True, False, False], [True, False, False], [True, True, True],
+                              [False, False, False]]
+
+
+def test_top2_margin_reads_the_draft_distribution():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [1.0, 0.0, 0.0]]])
+    margin = top2_margin(probs)
+    assert margin.shape == (1, 2)
+    assert abs(float(margin[0, 0]) - float(np.log(3.5))) < 1e-5 and float(margin[0, 1]) > 13
+
+
+def test_first_refits_verify_whole_blocks():
+    """Until the estimator has refitted `warmup_refits` times, the planner verifies every request's
+    whole block (labels not censored by the estimator's own choices); after, it schedules."""
+    gamma, estimator = 4, MarginEstimator(4, refit_every=2, min_rows=4)
+    cost = CostModel(device="test", source="measured", verify_tokens=[1, 64], context_lens=[0],
+                     verify_seconds=[[1.0, 8.0]], draft_requests=[1], draft_seconds=[0.1])
+    planner = RoundPlanner("budget", cost, gamma, "cpu", estimator=estimator)
+    keys, caps, rng, backend = [0, 1, 2], [gamma, gamma, 2], np.random.default_rng(6), Backend()
+    seen_full = 0
+    while estimator.needs_full_blocks:
+        plan = planner.before_round(keys, caps, 0)
+        lens, known = planner.verify_lengths(backend, plan, torch.full((3, gamma), 0.1), caps, 0)
+        assert plan.full and lens.tolist() == caps and known == sum(caps)
+        seen_full += 1
+        synthetic_rounds(estimator, [[0.0]] * gamma, [0.0] * gamma, 1, 3, rng)
+    assert seen_full == 2 * estimator.refit_every
+    plan = planner.before_round(keys, caps, 0)
+    assert not plan.full
+
+
+def test_engine_warms_the_estimator_up_on_whole_blocks_then_schedules():
+    target = reference_model_dir("target")
+    engine = dspark.Engine.from_pretrained(target, draft=reference_model_dir("dflash"), backend="cpu",
+                                           max_batch_size=4, max_model_len=240, schedule="budget")
+    assert engine.estimator is not None and engine.estimator.num_features == 1
+    planned, before_round = [], engine.planner.before_round
+
+    def spy(*args):
+        refits = engine.estimator.refits
+        plan = before_round(*args)
+        planned.append((refits, plan))
+        return plan
+
+    engine.planner.before_round = spy
+    engine.generate([[5, 6, 7], [9, 10], [30, 31, 32, 33], [100]],
+                    dspark.SamplingParams(max_new_tokens=200, ignore_eos=True))
+    warmup = [(plan, record) for (refits, plan), record in zip(planned, engine.round_log)
+              if refits < engine.estimator.warmup_refits]
+    assert len(warmup) >= 2 * engine.estimator.refit_every
+    for plan, record in warmup:
+        assert plan.full and record["verify_lens"].tolist() == [engine.gamma] * record["requests"]
+    later = [plan for refits, plan in planned if refits >= engine.estimator.warmup_refits]
+    assert later and not any(plan.full for plan in later)
+
+
+# ------------------------------------------------------------------------------------ never lock in
+def linear_cost(draft_s: float) -> CostModel:
+    """verify(B) = 2 ms + 1 ms per token: drafting pays at 1 request, not at 64 (confidence 0.9)."""
+    return CostModel(device="test", source="measured", verify_tokens=[1, 1024], context_lens=[0],
+                     verify_seconds=[[0.003, 0.003 + 1023e-3]], draft_requests=[1, 64],
+                     draft_seconds=[draft_s, draft_s])
+
+
+def play(planner, requests, rounds, confidence=0.9, cost=None, truth=None):
+    """Rounds of `requests` requests whose drafts all have this confidence (the history starts with
+    it); returns each round's plan. With an OnlineCostModel `cost`, it learns each round's `truth`
+    times (what the engine measures)."""
+    keys, caps, plans, backend = list(range(requests)), [planner.gamma] * requests, [], Backend()
+    conf = torch.full((requests, planner.gamma), confidence, dtype=torch.float64)
+    planner.record(keys, conf)
+    for _ in range(rounds):
+        plan = planner.before_round(keys, caps, 0)
+        plans.append(plan)
+        tokens = requests
+        if plan.draft:
+            lens, _ = planner.verify_lengths(backend, plan, conf, caps, 0)
+            tokens += int(lens.sum())
+            planner.record(keys, conf)
+        if cost is not None:
+            cost.observe(requests, tokens, 0, truth.verify_time(tokens, 0, requests),
+                         truth.draft_time(requests) if plan.draft else None)
+    return plans
+
+
+def test_planner_keeps_probing_and_follows_the_load_both_ways():
+    planner = RoundPlanner("budget", linear_cost(0.0005), 7, "cpu")
+    heavy = play(planner, 64, 200)
+    steady = heavy[10:]
+    assert not any(p.draft and not p.probe for p in steady)          # no speculation at 64 requests ...
+    probes = [i for i, p in enumerate(heavy) if p.probe]
+    assert len(probes) >= 3                                          # ... but it keeps probing,
+    assert np.all(np.diff(probes)[1:] >= np.diff(probes)[:-1])       # less and less often
+    light = play(planner, 1, 5)                                      # the load drops
+    assert all(p.draft and not p.probe for p in light[2:])           # speculation resumes within 2 rounds
+    heavy_again = play(planner, 64, 5)                               # and rises again
+    assert not any(p.draft and not p.probe for p in heavy_again[2:])
+
+
+def test_a_wrong_no_speculation_is_corrected_by_probes_when_costs_are_learned():
+    """The prior says a draft round costs 4 ms (at 4 requests: no speculation); it costs 1 ms.
+    Frozen, the planner only probes forever; learning, its probes time the draft and it speculates."""
+    truth, wrong = linear_cost(0.001), linear_cost(0.004)
+    frozen = play(RoundPlanner("budget", wrong, 7, "cpu"), 4, 200)
+    assert not any(p.draft and not p.probe for p in frozen)
+    online = OnlineCostModel(wrong)
+    learning = play(RoundPlanner("budget", online, 7, "cpu"), 4, 200, cost=online, truth=truth)
+    first = next(i for i, p in enumerate(learning) if p.draft and not p.probe)
+    assert first < 20
+    assert all(p.draft and not p.probe for p in learning[first + 10:])
+
+
+@pytest.mark.parametrize("device", ["h100", "ascend-910b"])
+def test_simulator_corrects_accelerator_priors_online(device):
+    model = ModelSpec(target_params=8_000_000_000, target_layers=36, hidden_size=4096, kv_bytes_per_token=147456,
+                      draft_params=500_000_000, draft_block=7)
+    truth = analytic_cost_model(device_spec(device), model)
+    for factor in (2.0, 0.5):
+        rows = simulate_online(truth, scaled_overhead(truth, factor), [0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55],
+                               concurrency=(1, 64), rounds=120)
+        by = {(r.mode, r.concurrency): r for r in rows}
+        for concurrency in (1, 64):
+            online = by[("budget, online", concurrency)]
+            best = by[("budget, true costs", concurrency)].throughput_tokens_per_s
+            assert online.model_error < 0.05
+            assert online.throughput_tokens_per_s >= 0.95 * best
+
+
+# ------------------------------------------------------------------------------------ lossless, all switched on
+@pytest.fixture(scope="module")
+def reference_plain():
+    prompts = [[5, 6, 7, 8, 9, 10], [20, 30, 40], [100, 200, 300, 400], [7, 7, 7]]
+    engine = dspark.Engine.from_pretrained(reference_model_dir("target"), backend="cpu", max_batch_size=4,
+                                           max_model_len=160)
+    params = dspark.SamplingParams(max_new_tokens=48, ignore_eos=True)
+    return prompts, params, [o.token_ids for o in engine.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("draft", ["dflash", "eagle3"])
+@pytest.mark.parametrize("schedule", ["budget", "causal"])
+def test_margin_scheduled_drafts_are_greedy_identical_to_plain_decoding(reference_plain, draft, schedule):
+    prompts, params, plain = reference_plain
+    engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir(draft),
+                                           backend="cpu", max_batch_size=4, max_model_len=160, schedule=schedule)
+    assert engine.estimator is not None and isinstance(engine.cost_model, OnlineCostModel)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == plain
+    assert engine.estimator.refits >= engine.estimator.warmup_refits
+    assert engine.cost_model.version > 0
+    # After the warm-up the schedule was really the estimator's: not every round verified the whole block.
+    full = [bool(r["drafted"]) and r["verify_lens"].tolist() == [engine.gamma] * r["requests"]
+            for r in engine.round_log]
+    assert not all(full[2 * engine.estimator.refit_every:])
+
+
+def test_timing_driven_choices_see_only_finished_rounds(reference_plain):
+    """Each round is planned from the rounds that finished before it: the cost model has learned
+    exactly those, and it does not change between the plan and the verify lengths."""
+    prompts, params, plain = reference_plain
+    engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir("eagle3"),
+                                           backend="cpu", max_batch_size=4, max_model_len=160, schedule="causal")
+    cost, seen = engine.cost_model, []
+    before_round, verify_lengths = engine.planner.before_round, engine.planner.verify_lengths
+
+    def plan(*args):
+        assert cost.observations == len(engine.round_log)
+        seen.append(cost.version)
+        return before_round(*args)
+
+    def lengths(*args):
+        assert cost.version == seen[-1] and cost.observations == len(engine.round_log)
+        return verify_lengths(*args)
+
+    engine.planner.before_round, engine.planner.verify_lengths = plan, lengths
+    assert [o.token_ids for o in engine.generate(prompts, params)] == plain
+    assert len(set(seen)) > 1                      # the model did refit between rounds
+
+
+@pytest.fixture(scope="module")
+def small_vocab_target(tmp_path_factory):
+    return make_target(tmp_path_factory.mktemp("v6"), "qwen3", vocab=VOCAB, seed=21, context_scale=1.0,
+                       logit_scale=3.0)
+
+
+@pytest.mark.parametrize("draft_kind,schedule,acceptance", [("dspark", "budget", "margin"),
+                                                             ("dspark", "causal", "both"),
+                                                             ("dflash", "budget", "auto")])
+def test_estimator_schedules_sample_the_exact_target_distribution(small_vocab_target, tmp_path, draft_kind,
+                                                                  schedule, acceptance):
+    target = small_vocab_target
+    if draft_kind == "dspark":
+        draft = make_agreeing_draft(target, tmp_path / "draft", block_size=3)
+    else:
+        draft = dspark.init_draft(target, tmp_path / "draft", algorithm="dflash", num_layers=1, block_size=3)
+    exact = filtered_exact_distribution(target, 1.0, 0, 1.0)
+    # A device where extra verify tokens are cheap, so the schedule does verify drafts, learned online.
+    profile = CostModel(device="test", source="measured", verify_tokens=[1, 8192], context_lens=[0],
+                        verify_seconds=[[1.0, 1.2]], draft_requests=[1], draft_seconds=[0.05])
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=512, schedule=schedule,
+                                           acceptance=acceptance,
+                                           cost_profile=str(profile.to_yaml(tmp_path / "cheap.yaml")))
+    assert engine.estimator is not None and isinstance(engine.cost_model, OnlineCostModel)
+    counts, outputs = empirical_counts(engine, 1.0, 0, 1.0)
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    assert engine.estimator.refits >= engine.estimator.warmup_refits and engine.cost_model.version > 0
+    lens = [length for o in outputs for length in o.stats["verify_lens"]]
+    assert 0 < sum(lens) / len(lens) < 3      # drafts verified, not always the whole block
