@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..backends import get_backend
 from ..errors import ConfigError, DataError
 from ..yaml_config import read_config_yaml
 from ..models import load_draft, load_target, save_draft
@@ -35,6 +34,7 @@ from ..models.drafts.io import draft_parameters, init_draft
 from ..models.layers import prepare_for_inference
 from .batch import TrainBatch
 from .data import collate, global_batch_indices, load_conversations, select_draft_vocab
+from .distributed import process_backend
 from .features import FeatureCache, target_features
 from .state import STATE_FILE, load_trainer_state, save_trainer_state
 
@@ -72,6 +72,9 @@ class TrainConfig:
     cache_dir: Optional[str] = None     # default: <out>/feature_cache
     # Layers a shared feature cache holds (a superset of this draft's); default: the draft's own.
     cache_layers: Optional[list] = None
+    # Shard the frozen target over the processes (FSDP2, dspark.training.distributed) for
+    # targets too large for one device; the trained draft is the same either way.
+    shard_target: bool = False
 
     @property
     def data_files(self) -> list:
@@ -95,6 +98,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.shard_target, bool):
+            raise ConfigError(f"shard_target must be true or false, got {self.shard_target!r}")
+        if self.shard_target and self.features == "cached":
+            raise ConfigError("shard_target applies to online features: with features 'cached' the target runs "
+                              "once, on rank 0, to build the cache; drop one of the two settings")
         if not isinstance(self.draft_options, dict):
             raise ConfigError(f"draft_options must be a mapping (num_layers, block_size, ...), got {self.draft_options!r}")
 
@@ -151,10 +159,14 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         else:
             self._check_resumable()
-        self.backend = get_backend(cfg.backend)
+        self.backend = process_backend(cfg.backend)     # under torchrun: the device LOCAL_RANK
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(self.backend.collective_backend)
-        self.target, _ = load_target(target_dir, self.backend.device, torch.float32)
+        sharded = cfg.shard_target and self.world > 1
+        # A target to be sharded is read into host memory first; sharding moves each
+        # process's share onto the device (dspark.training.distributed).
+        self.target, _ = load_target(target_dir, torch.device("cpu") if sharded else self.backend.device,
+                                     torch.float32)
         for p in self.target.parameters():
             p.requires_grad_(False)
         prepare_for_inference(self.target, self.backend)       # frozen: the backend's inference kernels
@@ -178,6 +190,13 @@ class Trainer:
                 self.cache.build(self.target, self.backend, self.examples, layers, progress=self.progress)
             if self.world > 1:
                 dist.barrier()
+        if sharded:      # last: the draft's embedding / LM head copies and the cache need the whole target
+            from .distributed import local_fraction, shard_frozen_target
+
+            shard_frozen_target(self.target, self.backend.device)
+            if self.is_main:
+                self.progress(f"target sharded over {self.world} processes: "
+                              f"{local_fraction(self.target):.0%} of its weights on each")
         self.step = 0
         self._resume()
 
@@ -248,7 +267,8 @@ class Trainer:
         return self.out / "checkpoint"
 
     # Settings that may change between a run and its resume without changing what it computes.
-    RESUME_FREE = ("steps", "log_every", "checkpoint_every", "backend", "features", "cache_dir", "micro_batch")
+    RESUME_FREE = ("steps", "log_every", "checkpoint_every", "backend", "features", "cache_dir", "micro_batch",
+                   "shard_target")
 
     def _check_resumable(self) -> None:
         """A rerun into an existing --out resumes only with the same settings; otherwise refuse and
