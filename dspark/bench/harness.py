@@ -39,6 +39,7 @@ from ..backends import get_backend
 from ..engine import Engine
 from ..errors import DSparkError
 from ..models import DRAFT_ALGORITHMS, load_draft, load_target
+from ..models.sources import resolve_model
 from ..params import DTYPES, EngineConfig, SamplingParams
 from ..prompts import prompt_ids, read_prompts
 from ..scheduling.calibration import calibration_report, survival_labels
@@ -125,6 +126,9 @@ class Models:
     def load(cls, target_dir, drafts: dict, assistant_dir=None, backend=None, dtype: str = "float32") -> "Models":
         backend = get_backend(backend)
         EngineConfig(dtype=dtype)                              # a bad dtype fails here, with the valid names
+        # names ("smollm2", "smollm2-dspark") and .gguf files become directories transformers can read too
+        target_dir = resolve_model(target_dir)
+        drafts = {name: resolve_model(path) for name, path in drafts.items()}
         torch_dtype = backend.default_dtype if dtype == "auto" else DTYPES[dtype]
         target, tokenizer = load_target(target_dir, backend.device, torch_dtype)
         if tokenizer is None:
@@ -368,6 +372,17 @@ def run_speed(models: Models, sets: dict, settings: BenchSettings, ledger: Lossl
     return rows
 
 
+def machine_limits(models: Models, sets: dict, settings: BenchSettings, speed: list) -> list:
+    """machine_limit for every draft, at the tau its fixed full-block row measured in the speed section."""
+    taus = {r["method"]: r["tau"] for r in speed}
+    limits = []
+    for algorithm in models.drafts:
+        tau = taus.get(f"dspark + {LABELS.get(algorithm, algorithm)}, fixed {settings.block_size}")
+        if tau is not None:
+            limits.append(machine_limit(models, sets, settings, algorithm, tau))
+    return limits
+
+
 def machine_limit(models: Models, sets: dict, settings: BenchSettings, algorithm: str, tau: float) -> dict:
     """The speed-up this machine allows a draft with acceptance tau at batch 1:
     tau * t_target(1) / (t_draft + t_verify(gamma + 1)), from the engine's own round times
@@ -497,6 +512,8 @@ def run_benchmark(models: Models, sets: dict, settings: BenchSettings, sections=
         started = time.perf_counter()
         results[section] = runner(models, sets, settings, ledger, progress)
         timings[section] = round(time.perf_counter() - started, 1)
+        if section == "speed":
+            results["machine_limit"] = machine_limits(models, sets, settings, results["speed"])
     results["seconds"] = timings
     results["lossless"] = ledger.summary()
     return results
