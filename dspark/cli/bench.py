@@ -3,6 +3,7 @@
 `dspark.cli.build_parser`; same error and output conventions."""
 import json
 import shlex
+from pathlib import Path
 import time
 from dataclasses import replace
 
@@ -64,6 +65,7 @@ def _cmd_bench(args) -> int:
     inputs = [target, *drafts.values(), data_dir, *(args.prompts or ())]
     out = check_output(args.out, "dir", inputs=inputs)
     doc = check_output(args.update_doc, "file", flag="--update-doc", inputs=inputs) if args.update_doc else None
+    settings.calibrated_out = None if args.cost_profile else str(out / "calibrated.yaml")
     sets = bench.load_prompt_sets(data_dir, args.prompts or (), limit=settings.prompts_per_dataset)
     assistant = None if args.assistant == "none" else (args.assistant or (None if args.target else
                                                                           reference_model_dir("assistant")))
@@ -74,7 +76,9 @@ def _cmd_bench(args) -> int:
     results = bench.run_benchmark(models, sets, settings, sections, progress=progress)
     command = "dspark " + " ".join(shlex.quote(a) for a in args.argv)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=float) + "\n")
-    plots = plot(results, doc.parent if doc else out, prefix="bench_reference" if doc else "plot")
+    # plots beside the document are named after the target, so runs on different targets keep theirs
+    slug = "reference" if not args.target else "".join(c if c.isalnum() else "_" for c in Path(str(args.target)).name)
+    plots = plot(results, doc.parent if doc else out, prefix=f"bench_{slug}" if doc else "plot")
     markdown = to_markdown(results, command, plots)
     write_text_atomic(out / "results.md", markdown)
     if doc is not None:
@@ -138,7 +142,7 @@ def add_commands(commands, formatter, para) -> None:
     bench.add_argument("--concurrency", type=positive_int_list, metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
     bench.add_argument("--cost-profile", metavar="FILE.yaml",
                        help="the concurrency section's calibrated profile (`dspark calibrate`); default: "
-                            "calibrate one first, at the section's concurrencies")
+                            "calibrate one first, at the section's concurrencies (written to OUT/calibrated.yaml)")
     bench.add_argument("--dtype", choices=["auto", *DTYPES], default="float32",
                        help="dtype of dspark's engines (default: %(default)s; auto = the backend's)")
     bench.add_argument("--repeats", type=positive_int, metavar="N",
