@@ -452,3 +452,28 @@ def test_estimator_schedules_sample_the_exact_target_distribution(small_vocab_ta
     assert engine.estimator.refits >= engine.estimator.warmup_refits and engine.cost_model.version > 0
     lens = [length for o in outputs for length in o.stats["verify_lens"]]
     assert 0 < sum(lens) / len(lens) < 3      # drafts verified, not always the whole block
+
+
+# ------------------------------------------------------------------------------------ the bench's concurrency section
+def test_bench_concurrency_section_sets_online_frozen_and_calibrated_side_by_side(tmp_path):
+    from dataclasses import replace
+
+    from dspark.bench import harness
+    from dspark.bench.report import concurrency_table
+
+    models = harness.Models.load(reference_model_dir("target"), {name: reference_model_dir(name)
+                                                                 for name in ("dspark", "dflash")}, backend="cpu")
+    settings = replace(harness.QUICK, concurrency=[2], max_new_tokens=4, fixed_lengths=[3], repeats=1,
+                       calibrated_out=str(tmp_path / "calibrated.yaml"))
+    ledger = harness.LosslessLedger(models)
+    [row] = harness.run_concurrency(models, {"chat": ["What is 2 + 2?", "Name a colour."]}, settings, ledger,
+                                    progress=lambda message: None)
+    for label in ("no speculation", "budget", "budget, frozen prior", "budget, calibrated", "DFlash budget (margin)"):
+        assert row[label] > 0, label
+    assert set(row["scheduler_share"]) >= {"budget", "budget, frozen prior", "budget, calibrated",
+                                           "DFlash budget (margin)"}
+    assert all(0 < share < 1 for share in row["scheduler_share"].values())
+    assert CostModel.from_yaml(tmp_path / "calibrated.yaml").meta["estimator"] == "online"
+    assert ledger.summary()["mismatches"] == 0
+    table = "\n".join(concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 4}}))
+    assert "budget, calibrated" in table and "Scheduler share of round time" in table

@@ -68,6 +68,7 @@ class BenchSettings:
     block_size: int = 7
     temperatures: list = field(default_factory=lambda: [0.0, 1.0])
     cost_profile: Optional[str] = None   # the concurrency section's calibrated profile (None: calibrate there)
+    calibrated_out: Optional[str] = None  # where a profile calibrated there is written (None: a temporary file)
     assistant: bool = True         # time transformers' assisted generation (an early-exit assistant by default)
 
 
@@ -426,8 +427,8 @@ def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optio
 
 def calibrated_profile(models: Models, settings: BenchSettings, pool: list, progress: Callable = print) -> Optional[str]:
     """settings.cost_profile, or a profile calibrated here (`dspark calibrate`'s estimator, at the
-    section's concurrencies and one context bucket covering its requests), written to a temporary
-    file. None without a draft."""
+    section's concurrencies and one context bucket covering its requests), written to
+    settings.calibrated_out (else a temporary file). None without a draft."""
     if settings.cost_profile or not models.drafts:
         return settings.cost_profile
     draft = "dspark" if "dspark" in models.drafts else next(iter(models.drafts))
@@ -436,7 +437,7 @@ def calibrated_profile(models: Models, settings: BenchSettings, pool: list, prog
     engine = models.engine(draft, max_batch_size=max(settings.concurrency), max_model_len=longest)
     started = time.perf_counter()
     profile = profile_engine(engine, context_lens=(int(context),), repeats=2, requests=settings.concurrency)
-    path = Path(tempfile.mkdtemp(prefix="dspark-bench-")) / "calibrated.yaml"
+    path = Path(settings.calibrated_out or Path(tempfile.mkdtemp(prefix="dspark-bench-")) / "calibrated.yaml")
     profile.to_yaml(path)
     progress(f"  calibrated a cost profile in {time.perf_counter() - started:.0f} s ({path})")
     return str(path)

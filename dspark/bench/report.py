@@ -128,7 +128,22 @@ def concurrency_table(results: dict) -> list:
         best = max(modes, key=row.get)
         lines.append(f"| {row['concurrency']} | " + " | ".join(
             (f"**{row[m]:.0f}**" if m == best else f"{row[m]:.0f}") for m in modes) + " |")
-    lines += [""] + _concurrency_goals(rows, modes)
+    lines += [""] + _concurrency_goals(rows, modes) + _scheduler_share_table(rows)
+    return lines
+
+
+def _scheduler_share_table(rows: list) -> list:
+    """Planning, scheduling, acceptance estimation and cost learning as a share of round time, per
+    speculative configuration (from engine.round_log: schedule_s + estimate_s + learn_s over round_s)."""
+    labels = [label for label in rows[0].get("scheduler_share", {})]
+    if not labels:
+        return []
+    lines = ["", "Scheduler share of round time (planning + schedule + acceptance estimate + cost learning):", "",
+             "| requests | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+    for row in rows:
+        shares = row.get("scheduler_share", {})
+        lines.append(f"| {row['concurrency']} | " + " | ".join(
+            f"{shares[label]:.1%}" if label in shares else "-" for label in labels) + " |")
     return lines
 
 
