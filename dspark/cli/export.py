@@ -107,6 +107,10 @@ def _cmd_export(args) -> int:
     base = source_hf if layout == "deepspec" else {k: source_hf[k] for k in TARGET_FIELDS if k in source_hf}
     if target_hf is not None and layout != "deepspec":
         base.update({k: target_hf[k] for k in TARGET_FIELDS if k in target_hf and k not in base})
+    if target_hf is not None and "max_position_embeddings" in target_hf:
+        # The draft serves the target's context: never pass on a release's 2048 (official
+        # EAGLE-3 configs say 2048 whatever the target; vLLM and SGLang would cap the draft there).
+        base = {**base, "max_position_embeddings": target_hf["max_position_embeddings"]}
     verifier = {"name_or_path": args.target, "architectures": (target_hf or {}).get("architectures") or []}
     exported = export_draft(model, args.format, base, verifier)
 
