@@ -488,6 +488,9 @@ def test_reduced_vocabulary_and_official_exports(target, capsys, tmp_path):
             if code == 0:
                 assert_same_draft(load_draft(out, target_model.config, target_model), native)
                 assert load_file(str(out / "model.safetensors"))["d2t"].dtype == torch.int64
+                # SGLang's DSPARK / DFLASH cannot load a reduced vocabulary: no SGLang line offered for them.
+                readme = (out / "README.md").read_text()
+                assert ("sglang.launch_server" in readme) == (fmt in ("sglang", "eagle3")), (fmt, readme)
 
 
 def test_cost_table_round_trip(target, capsys, tmp_path):
@@ -587,7 +590,10 @@ def test_smollm2_drafts_round_trip_through_every_format(smollm2_target, capsys, 
         exported.append(fmt)
         assert_same_draft(load_draft(tmp_path / fmt, target_model.config, target_model), native)
         config = json.loads((tmp_path / fmt / "config.json").read_text())
-        assert config.get("max_position_embeddings", target_model.config.max_position_embeddings) \
-            == target_model.config.max_position_embeddings
+        layer_config = config.get("transformer_layer_config", config)          # speculators nests it
+        assert layer_config["max_position_embeddings"] == target_model.config.max_position_embeddings
+        readme = (tmp_path / fmt / "README.md").read_text()
+        # Reduced vocabularies: SGLang's DSPARK / DFLASH cannot load them, so only its EAGLE-3 is offered.
+        assert ("sglang.launch_server" in readme) == (fmt in ("sglang", "eagle3")), fmt
     # Reduced vocabularies: vLLM's layouts and speculators carry d2t; EAGLE-3 also SGLang's.
     assert {"vllm", "speculators"} <= set(exported), exported

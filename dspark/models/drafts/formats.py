@@ -558,8 +558,9 @@ def _write_deepspec(cfg: DraftConfig, state: dict, base: dict, fmt: str) -> Expo
     config.update(architectures=[DSPARK_ARCHITECTURE], tie_word_embeddings=False)
     gamma = cfg.block_size
     extra = {"enable_adaptive_verification": True} if cfg.enable_confidence_head else None
-    launch = {"vllm": _vllm_line("dspark", gamma, extra),
-              "sglang": _sglang_line("--speculative-algorithm DSPARK", f"--speculative-dspark-block-size {gamma}")}
+    launch = {"vllm": _vllm_line("dspark", gamma, extra)}
+    if not cfg.reduced_vocab and cfg.markov_rank > 0:     # what SGLang's DSPARK loads
+        launch["sglang"] = _sglang_line("--speculative-algorithm DSPARK", f"--speculative-dspark-block-size {gamma}")
     if fmt == "deepspec":
         launch = {"deepspec": "python eval.py ... (DeepSpec's evaluator loads Qwen3DSparkModel from the directory)",
                   **launch}
@@ -578,8 +579,10 @@ def _write_dflash(cfg: DraftConfig, state: dict, base: dict, fmt: str) -> Export
         config["draft_vocab_size"] = cfg.draft_vocab_size
         weights.update({"lm_head.weight": state["lm_head.weight"], **_vocab_maps(cfg, state)})
     gamma = cfg.block_size
-    launch = {"vllm": _vllm_line("dflash", gamma),
-              "sglang": _sglang_line("--speculative-algorithm DFLASH", f"--speculative-num-draft-tokens {gamma + 1}")}
+    launch = {"vllm": _vllm_line("dflash", gamma)}
+    if not cfg.reduced_vocab:           # SGLang's DFLASH uses the target's LM head
+        launch["sglang"] = _sglang_line("--speculative-algorithm DFLASH",
+                                        f"--speculative-num-draft-tokens {gamma + 1}")
     return ExportedDraft(fmt, "dflash", config, weights, launch)
 
 
