@@ -263,7 +263,7 @@ def test_deepspec_dflash_checkpoints_are_anchor_first(target, natives, plain_out
     assert spec_outputs(target_dir, out)[0] == plain_outputs
 
 
-def test_deepspec_gated_markov_head_names(target, tmp_path):
+def test_deepspec_gated_markov_head_names(target, capsys, tmp_path):
     """DeepSpec names the gated head's projection gate_proj (the RNN head's joint_proj)."""
     target_dir, target_hf, target_model = target
     for head in ("gated", "rnn"):
@@ -276,6 +276,9 @@ def test_deepspec_gated_markov_head_names(target, tmp_path):
         loaded = load_draft(out, target_model.config, target_model)
         assert loaded.config == native.config
         assert all(torch.equal(v, state_of(native)[k]) for k, v in state_of(loaded).items())
+        # vLLM's Qwen3DSparkModel has only the vanilla head: exporting there is refused by name.
+        code, captured = export(capsys, src, "vllm", tmp_path / f"vllm_{head}")
+        assert code == 2 and "markov_head_type" in captured.err and "--format deepspec" in captured.err
 
 
 def test_official_eagle3_release_with_a_reduced_vocabulary(target, natives, plain_outputs, tmp_path):

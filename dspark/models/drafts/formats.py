@@ -474,6 +474,10 @@ def export_draft(model: torch.nn.Module, fmt: str, base: Optional[dict] = None,
                               "target layers); export an EAGLE-3 draft with --format eagle3, vllm, sglang or "
                               "speculators")
         return _write_eagle3(cfg, state, base, fmt)
+    if fmt == "vllm" and cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
+        raise ConfigError(f"vLLM's Qwen3DSparkModel has only the vanilla Markov head (markov_w1, markov_w2); this "
+                          f"draft's markov_head_type is {cfg.markov_head_type!r}: export with --format deepspec or "
+                          "speculators")
     if fmt in ("deepspec", "vllm", "sglang") and family == "anchor-first":
         if fmt == "sglang" and cfg.markov_rank <= 0:
             raise ConfigError("SGLang's DSPARK needs a Markov head (markov_rank > 0); this anchor-first DFlash draft "
