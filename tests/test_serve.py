@@ -31,6 +31,7 @@ httpx = pytest.importorskip("httpx")
 
 import dspark  # noqa: E402
 from dspark import Engine, SamplingParams  # noqa: E402
+from dspark.params import StreamEvent  # noqa: E402
 from dspark.serve import ServeConfig, start_server  # noqa: E402
 from dspark.serve.bridge import TextAssembler  # noqa: E402
 from dspark.serve.metrics import spec_decode_metrics  # noqa: E402
@@ -160,10 +161,13 @@ def test_greedy_completions_equal_engine_generate(server, client, engine):
             if chunk.choices:
                 pieces.append(chunk.choices[0].text)
                 finish = chunk.choices[0].finish_reason or finish
+                assert chunk.usage is None and "metrics" not in (chunk.model_extra or {})   # only the last chunk
             else:
+                assert final is None                     # one usage chunk
                 final = chunk
         assert "".join(pieces) == want.text and finish == want.finish_reason
         assert final.usage.completion_tokens == len(want.token_ids)
+        assert final.usage.prompt_tokens == len(want.prompt_token_ids)
         assert final.metrics["speculative_decoding"]["num_spec_tokens"] == engine.gamma
 
 
@@ -258,6 +262,13 @@ def test_nan_temperature_and_malformed_json_get_400(server):
     assert nan.status_code == 400 and _error(nan)["param"] == "temperature"
     broken = httpx.post(url, content='{"model": "x", "prompt": ', headers=headers)
     assert broken.status_code == 400 and "JSON" in _error(broken)["message"]
+
+
+def test_unknown_paths_and_methods_get_openai_error_bodies(server):
+    missing = httpx.get(server["base_url"] + "/engines")
+    assert missing.status_code == 404 and _error(missing)["type"] == "not_found_error"
+    wrong = httpx.get(server["base_url"] + "/completions")
+    assert wrong.status_code == 405 and "/v1/completions" in _error(wrong)["message"]
 
 
 def test_openai_client_raises_bad_request(client):
@@ -395,6 +406,32 @@ def test_64_concurrent_clients_lose_and_duplicate_nothing(server, engine):
     assert again.choices[0].text == _greedy(engine, [TEXT_PROMPTS[0]], 8)[0].text
 
 
+def test_a_client_leaving_a_non_streamed_request_aborts_it_and_frees_its_slot(server):
+    """The client gives up (read timeout) long before its 1500 tokens could be generated: the
+    request is counted as aborted, generation stops, and nothing stays running."""
+    before = _scrape(server["url"])
+    body = {"model": MODEL, "prompt": TEXT_PROMPTS[1], "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["base_url"] + "/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.monotonic() + 30
+    while True:
+        after = _scrape(server["url"])
+        aborted = _metric(after, "dspark:request_success_total", finished_reason="abort") - \
+            _metric(before, "dspark:request_success_total", finished_reason="abort")
+        idle = _metric(after, "dspark:num_requests_running") == 0 == _metric(after, "dspark:num_requests_waiting")
+        if (aborted == 1 and idle) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert aborted == 1 and idle
+    for reason in ("stop", "length", "error"):                       # it did not finish any other way
+        assert _metric(after, "dspark:request_success_total", finished_reason=reason) == \
+            _metric(before, "dspark:request_success_total", finished_reason=reason)
+    time.sleep(0.5)                                                  # generation has stopped for good
+    generated = _metric(_scrape(server["url"]), "dspark:generation_tokens_total") - \
+        _metric(before, "dspark:generation_tokens_total")
+    assert generated < 1500
+
+
 # ----------------------------------------------------------------------------- shutdown
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(tmp_path, engine):
     process, url, log_path = _launch(tmp_path, "drain", "--drain-timeout", "30", "--log-interval", "0")
@@ -427,12 +464,35 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(tmp_path
 
 
 # ----------------------------------------------------------------------------- in-process helper
-def test_start_server_helper_429_when_full_and_500_without_traceback(engine, monkeypatch, caplog):
-    """In this process (so a failure can be injected): a queue that holds nothing more answers
-    429 with Retry-After; a request whose generation fails gets a 500 with no traceback, and the
-    others are unaffected."""
-    small = Engine(engine.target, engine.tokenizer, engine.draft, engine.backend,
-                   replace(engine.config, max_batch_size=1, schedule="fixed"))
+def _engine_like(engine, **config) -> Engine:
+    """Another engine over the same modules (own caches and loop), with other settings."""
+    return Engine(engine.target, engine.tokenizer, engine.draft, engine.backend, replace(engine.config, **config))
+
+
+def _parse(text: str) -> dict:
+    return {key: float(value) for key, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def _sse_texts(lines) -> tuple:
+    """(text pieces, error bodies, saw [DONE]) of a completions event stream."""
+    pieces, errors = [], []
+    for line in lines:
+        if line == "data: [DONE]":
+            return pieces, errors, True
+        if line.startswith("data: "):
+            document = json.loads(line[6:])
+            if "error" in document:
+                errors.append(document)
+            else:
+                pieces.extend(c["text"] for c in document["choices"])
+    return pieces, errors, False
+
+
+def test_start_server_helper_answers_429_with_retry_after_when_the_queue_is_full(engine):
+    """In this process: one batch slot and no waiting room; a second request gets 429 with
+    Retry-After; once the first client leaves, its place is free again."""
+    small = _engine_like(engine, max_batch_size=1, schedule="fixed")
     config = ServeConfig(port=0, max_waiting_requests=0, log_interval=0, access_log=False)
     with start_server(small, config=config) as server:
         assert server.url.startswith("http://127.0.0.1:")
@@ -446,33 +506,105 @@ def test_start_server_helper_429_when_full_and_500_without_traceback(engine, mon
                 assert full.status_code == 429 and full.headers["Retry-After"] == "1"
                 assert _error(full)["type"] == "rate_limit_error"
             deadline = time.monotonic() + 10                       # the abandoned stream frees its place
-            while server.state.in_flight and time.monotonic() < deadline:
+            while (server.state.in_flight or small.pending_requests()) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert server.state.in_flight == 0
-
-            real_stream = small.stream
-
-            def failing_stream(prompts, params):
-                if params.max_new_tokens == 13:
-                    raise RuntimeError("injected failure /secret/path")
-                return real_stream(prompts, params)
-
-            monkeypatch.setattr(small, "stream", failing_stream)
-            failed = http.post(url, json={**body, "max_tokens": 13})
-            assert failed.status_code == 500
-            error = _error(failed)
-            assert error["type"] == "internal_server_error" and "secret" not in error["message"]
-            assert "injected failure" in caplog.text                 # logged on the server side
-            fine = http.post(url, json={**body, "max_tokens": 5})
-            assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 5
+            assert server.state.in_flight == 0 and small.pending_requests() == 0
+            again = http.post(url, json={**body, "max_tokens": 4})
+            assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
             # Seeded sampling through the server is the engine's own sample (fixed schedule: reproducible).
             sampled = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.8,
                        "top_p": 0.9, "seed": 7}
-            want = real_stream.__self__.generate("Once upon a time", SamplingParams(
-                max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7))[0].text
+            want = small.generate("Once upon a time", SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9,
+                                                                     seed=7))[0].text
             assert http.post(url, json=sampled).json()["choices"][0]["text"] == want
-            assert http.get(server.url + "/health").json() == {"status": "ok"}
     assert not server.running
+
+
+def test_internal_failures_are_500s_without_traceback_and_others_carry_on(engine, monkeypatch, caplog):
+    """While a greedy stream runs, three requests fail inside the server: one when it is
+    submitted, one mid-generation (as when its logits turn NaN) non-streamed and streamed. Each
+    gets a 500-style error without a traceback, logged here; the running stream's answer is
+    still exactly the engine's."""
+    mine = _engine_like(engine, max_batch_size=4, schedule="fixed")
+    real_stream = mine.stream
+
+    def failing_stream(prompts, params):
+        if params.max_new_tokens == 13:
+            raise RuntimeError("injected failure /secret/path")
+        events = real_stream(prompts, params)
+        if params.max_new_tokens != 11:
+            return events
+
+        def broken():
+            events.close()
+            yield StreamEvent(0, [], None, True, "error", "injected NaN logits", None)
+        return broken()
+
+    monkeypatch.setattr(mine, "stream", failing_stream)
+    want = mine.generate("Once upon a time", SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True))[0]
+    config = ServeConfig(port=0, log_interval=0, access_log=False)
+    with start_server(mine, config=config) as server, httpx.Client(timeout=60) as http:
+        url = server.base_url + "/completions"
+        body = {"model": server.model, "prompt": "Once upon a time", "temperature": 0, "ignore_eos": True}
+        with http.stream("POST", url, json={**body, "max_tokens": 60, "stream": True}) as running:
+            lines = running.iter_lines()
+            first = next(lines)
+            for tokens in (13, 11):
+                failed = http.post(url, json={**body, "max_tokens": tokens})
+                assert failed.status_code == 500
+                error = _error(failed)
+                assert error["type"] == "internal_server_error" and "secret" not in error["message"]
+            with http.stream("POST", url, json={**body, "max_tokens": 11, "stream": True}) as broken:
+                pieces, errors, done = _sse_texts(broken.iter_lines())
+            assert errors and errors[0]["error"]["type"] == "internal_server_error" and done
+            pieces, errors, done = _sse_texts([first, *lines])
+        assert "".join(pieces) == want.text and not errors and done
+        assert "injected failure" in caplog.text and "injected NaN logits" in caplog.text   # logged server-side
+        assert http.get(server.url + "/health").json() == {"status": "ok"}
+        assert server.state.in_flight == 0
+        counts = _parse(server.state.metrics.render().decode())
+        assert _metric(counts, "dspark:request_success_total", finished_reason="error") == 2
+
+
+def test_shutdown_waits_at_most_the_drain_timeout_then_aborts(engine, monkeypatch):
+    """A request that cannot finish within drain_timeout is aborted: stop() returns soon after
+    the timeout, the client's stream ends early, and the engine frees the slot."""
+    slow = _engine_like(engine, max_batch_size=2, schedule="fixed")
+    real_stream = slow.stream
+
+    def slow_stream(prompts, params):
+        def delayed(events):
+            try:
+                for event in events:
+                    time.sleep(0.2)              # >= 400 / 8 rounds x 0.2 s: far beyond the timeout
+                    yield event
+            finally:
+                events.close()
+        return delayed(real_stream(prompts, params))
+
+    monkeypatch.setattr(slow, "stream", slow_stream)
+    config = ServeConfig(port=0, drain_timeout=0.5, log_interval=0, access_log=False)
+    server = start_server(slow, config=config)
+    body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.base_url + "/completions", json=body) as running:
+        lines = running.iter_lines()
+        first = next(lines)
+        started = time.monotonic()
+        server.stop()
+        assert not server.running and time.monotonic() - started < 5
+        try:
+            pieces, _, done = _sse_texts([first, *lines])
+        except httpx.HTTPError:                  # the connection was cut mid-response
+            pieces, done = [], False
+    assert not done
+    counts = _parse(server.state.metrics.render().decode())
+    assert _metric(counts, "dspark:request_success_total", finished_reason="abort") == 1
+    assert _metric(counts, "dspark:generation_tokens_total") < 400
+    deadline = time.monotonic() + 10
+    while slow.pending_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.pending_requests() == 0
 
 
 # ----------------------------------------------------------------------------- pieces

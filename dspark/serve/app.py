@@ -23,6 +23,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import DSparkError
@@ -190,6 +191,14 @@ def create_app(engine, config: Optional[ServeConfig] = None, model_name: Optiona
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Unknown paths (404) and wrong methods (405) in OpenAI's error shape too."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}; the endpoints are /v1/models, " \
+                  "/v1/completions, /v1/chat/completions, /health and /metrics"
+        return _error_response(APIError(exc.status_code, message, kind, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
