@@ -18,11 +18,13 @@ Messages = Sequence[dict]
 
 
 def read_prompts(path, limit: Optional[int] = None) -> list:
-    """-> [{"id", "prompt"} | {"id", "prompt_ids"} | {"id", "messages"}], in file order; `limit`
-    keeps the first N (N >= 1)."""
+    """-> [{"id", "where", "prompt"} | {... "prompt_ids"} | {... "messages"}], in file order
+    ("where" is "file:line", for later errors about that prompt); `limit` keeps the first N (N >= 1)."""
     path = Path(path).expanduser()
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive number of prompts, got {limit!r}")
+    if path.exists() and not path.is_file():
+        raise DataError(f"prompt file {str(path)!r} is not a regular file; give a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
     try:
@@ -37,7 +39,8 @@ def read_prompts(path, limit: Optional[int] = None) -> list:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        prompts.append({"id": len(prompts), **_prompt_of(record, f"{path}:{number}")})
+        where = f"{path}:{number}"
+        prompts.append({"id": len(prompts), "where": where, **_prompt_of(record, where)})
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:

@@ -1,7 +1,8 @@
 """Flags shared by the `dspark` commands, declared once.
 
 - `add_backend`: `--backend` (every command that runs a model);
-- argument types: `int_list`, `float_list`, `positive_int`, `non_negative_int`, `probability`;
+- argument types: `int_list`, `float_list`, `positive_int`, `non_negative_int`, `positive_float`,
+  `probability`;
 - `add_engine_flags` / `add_sampling_flags`: one flag per field of `EngineConfig` /
   `SamplingParams`, generated from the dataclass (its type, its default, the help text below),
   so a new engine option reaches the command line without anyone writing a flag for it;
@@ -13,6 +14,7 @@ Sampling flags default to None: a flag the user did not give falls back to the t
 generation_config.json (`Engine.default_sampling_params`), else the dataclass default.
 """
 import argparse
+import math
 import sys
 import typing
 from dataclasses import MISSING, fields, replace
@@ -77,6 +79,17 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _bounded_int(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates): 0, negatives, nan and inf are usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def probability(text: str) -> float:
@@ -213,5 +226,6 @@ def sampling_params(args, base: SamplingParams) -> SamplingParams:
 
 
 __all__ = ["CHOICES", "ENGINE_HELP", "SAMPLING_HELP", "add_backend", "add_dataclass_flags", "add_engine_flags",
-           "add_sampling_flags", "engine_config", "float_list", "int_list", "non_negative_int", "positive_int",
+           "add_sampling_flags", "engine_config", "float_list", "int_list", "non_negative_int", "positive_float",
+           "positive_int",
            "positive_int_list", "probability", "progress", "sampling_overrides", "sampling_params"]

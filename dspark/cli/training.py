@@ -1,17 +1,21 @@
 """CLI commands for draft training: `regenerate` (target-written responses) and `train`.
 Registered by `dspark.cli.build_parser`; same error and output conventions."""
+from pathlib import Path
+
 from ..models import DRAFT_ALGORITHMS
-from .args import add_backend, non_negative_int, positive_int, progress
+from .args import add_backend, non_negative_int, positive_float, positive_int, progress
 
 
 def _cmd_regenerate(args) -> int:
     from ..engine import Engine
+    from ..params import SamplingParams
     from ..prompts import read_prompts
     from ..training.data import check_regenerate_output, regenerate, regenerate_settings
 
     # Everything that can be refused is refused before the target loads: the prompts, --out (not
     # an input, writable, and if it exists a file this command wrote with the same settings).
     prompts = read_prompts(args.prompts, limit=args.limit)
+    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)  # checks them
     settings = regenerate_settings(args.max_new_tokens, args.temperature, args.seed)
     check_regenerate_output(args.out, settings, inputs=[args.prompts, args.target])
     progress(f"loading target {args.target} ...")
@@ -36,9 +40,28 @@ def _cmd_train(args) -> int:
     options = {name: getattr(args, name) for name in DRAFT_FLAGS if getattr(args, name) is not None}
     if options:
         cfg.draft_options = {**cfg.draft_options, **options}
+    _absolute_paths(cfg)
     out = train(cfg, progress=progress, fresh=args.fresh)
     print(str(out))
     return 0
+
+
+def _absolute(path):
+    """An existing path (or a new --out) as an absolute one; a model name stays a name."""
+    if path is None or path == "":
+        return path
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+
+
+def _absolute_paths(cfg) -> None:
+    """Record the run's paths absolutely, so a rerun that spells them differently (`run`, `./run`,
+    `/home/me/run`) is recognised as the same run by the resume check instead of refused."""
+    cfg.target, cfg.init, cfg.cache_dir = _absolute(cfg.target), _absolute(cfg.init), _absolute(cfg.cache_dir)
+    cfg.out = str(Path(cfg.out).expanduser().resolve()) if cfg.out else cfg.out
+    if isinstance(cfg.data, (list, tuple)):
+        cfg.data = [_absolute(path) for path in cfg.data_files]
+    elif cfg.data:
+        cfg.data = ",".join(_absolute(path) for path in cfg.data_files)
 
 
 def add_commands(commands, formatter, para) -> None:
@@ -84,7 +107,7 @@ def add_commands(commands, formatter, para) -> None:
     train.add_argument("--global-batch", type=positive_int, metavar="N",
                        help="sequences per step over all processes")
     train.add_argument("--micro-batch", type=positive_int, metavar="N", help="sequences per forward (accumulation)")
-    train.add_argument("--lr", type=float)
+    train.add_argument("--lr", type=positive_float, metavar="X", help="peak learning rate (> 0)")
     train.add_argument("--num-anchors", type=positive_int, metavar="N", help="anchors per sequence (default 512)")
     train.add_argument("--max-length", type=positive_int, metavar="N")
     train.add_argument("--precision", choices=["fp32", "bf16"])

@@ -108,8 +108,13 @@ def regenerate(engine, prompts: list, out_path, max_new_tokens: int = 256, tempe
     settings = regenerate_settings(max_new_tokens, temperature, seed)
     done = check_regenerate_output(out_path, settings)
     todo, seen, too_long = [], set(), 0
+    vocab = engine.target.config.vocab_size
     for record in prompts:
         ids = prompt_ids(record, engine.tokenizer)
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:                # refused before the file is touched, naming the prompt's line
+            where = record.get("where", f"prompt {record.get('id')}")
+            raise DataError(f"{where}: token ids outside the target's vocabulary [0, {vocab}): {outside[:5]}")
         if len(ids) >= engine.max_model_len:
             too_long += 1
             continue
@@ -163,6 +168,8 @@ def load_conversations(path, max_length: int = 1024, vocab_size: Optional[int] =
     With `vocab_size`, token ids outside [0, vocab_size) are refused (data written for another
     target). Errors name the file and the line."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise DataError(f"training data {str(path)!r} is not a regular file; give a JSONL file (`dspark regenerate`)")
     if not path.is_file():
         raise FileNotFoundError(f"training data {str(path)!r} does not exist (create it with `dspark regenerate`)")
     try:
