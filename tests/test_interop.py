@@ -145,23 +145,25 @@ def eagle3_tensors(draft, draft_token_ids=None) -> dict:
     return tensors
 
 
-def publish_eagle3_release(draft, out, draft_token_ids, arch="LlamaForCausalLM"):
+def publish_eagle3_release(draft, out, draft_token_ids, arch="LlamaForCausalLM", dtype=torch.float16):
     """The official release: the EAGLE repo's config.json (LlamaConfig, 1 layer, 2048
     positions, no layer ids) + draft_vocab_size; float16 weights."""
     config = llama_layer_config(draft.config, 2048, draft.config.rope.theta)
-    config.update(architectures=[arch], draft_vocab_size=len(draft_token_ids), torch_dtype="float16")
-    return save(out, config, eagle3_tensors(draft, draft_token_ids), torch.float16)
+    config.update(architectures=[arch], draft_vocab_size=len(draft_token_ids), torch_dtype=str(dtype)[6:])
+    return save(out, config, eagle3_tensors(draft, draft_token_ids), dtype)
 
 
-def publish_eagle3_sglang(draft, out):
+def publish_eagle3_sglang(draft, out, draft_token_ids=None, dtype=torch.bfloat16):
     """SpecForge / SGLang: LlamaForCausalLMEagle3 with eagle_config (layer outputs; SGLang adds 1
-    before capturing) and identity vocabulary maps (SpecForge always writes d2t / t2d)."""
+    before capturing) and vocabulary maps (SpecForge always writes d2t / t2d; identity ones for a
+    full vocabulary)."""
+    ids = draft_token_ids if draft_token_ids is not None else list(range(draft.config.vocab_size))
     config = llama_layer_config(draft.config, 2048, draft.config.rope.theta)
-    config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft.config.vocab_size,
+    config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=len(ids),
                   head_dim=draft.config.head_dim, torch_dtype="bfloat16",
                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(draft.config.target_layer_ids),
                                 "use_aux_hidden_state": True})
-    return save(out, config, eagle3_tensors(draft), torch.bfloat16)
+    return save(out, config, eagle3_tensors(draft, draft_token_ids), dtype)
 
 
 def publish_eagle3_vllm(draft, out):
@@ -184,7 +186,7 @@ def speculators_config(kind: str, gamma: int) -> dict:
                                                 "architectures": ["Qwen3ForCausalLM"]}}}
 
 
-def publish_speculators(draft, target_hf, out):
+def publish_speculators(draft, target_hf, out, dtype=torch.bfloat16):
     """The speculators library: nested transformer_layer_config, aux layer ids in vLLM's
     numbering, the embedding and LM head stored; EAGLE-3 layers as layers.0.*."""
     cfg = draft.config
@@ -207,7 +209,7 @@ def publish_speculators(draft, target_hf, out):
                           enable_confidence_head=cfg.enable_confidence_head,
                           confidence_head_with_markov=cfg.confidence_head_with_markov)
         tensors = dict(state)
-    return save(out, config, tensors, torch.bfloat16)
+    return save(out, config, tensors, dtype)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -522,10 +524,34 @@ def small_target(tmp_path_factory):
     return make_target(tmp_path_factory.mktemp("interop_v6"), "qwen3", vocab=VOCAB, seed=31, logit_scale=2.0)
 
 
-@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def publish_reduced(native, algorithm, target_hf, out, draft_ids):
+    """The reduced-vocabulary layout each engine publishes for this kind of draft: an official
+    EAGLE-3 release; vLLM's Qwen3DSparkModel (DeepSpec's fields + draft_vocab_size, d2t); vLLM's
+    z-lab DFlash (dflash_config + draft_vocab_size, lm_head [Vd, d], d2t, no t2d)."""
+    if algorithm == "eagle3":
+        return publish_eagle3_release(native, out, draft_ids, dtype=torch.float32)
+    if algorithm == "dspark":
+        out = publish_deepspec(native, target_hf, out, dtype=torch.float32)
+        extra = {"draft_vocab_size": len(draft_ids)}
+    else:
+        out = publish_zlab_dflash(native, target_hf, out, dtype=torch.float32)
+        tensors = load_file(str(out / "model.safetensors"))
+        tensors.update({"lm_head.weight": native.lm_head.weight.detach().clone(), "d2t": native.d2t.clone()})
+        tensors.pop("t2d")                             # vLLM never reads it; dspark rebuilds it from d2t
+        save_file(tensors, str(out / "model.safetensors"))
+        extra = {"draft_vocab_size": len(draft_ids)}
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **extra}))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
 def test_published_reduced_vocabulary_drafts_sample_the_target_exactly(small_target, tmp_path, algorithm):
-    """Sampling through a draft read from a published layout (vLLM's Qwen3DSparkModel with d2t,
-    an official EAGLE-3 release) follows the target's distribution exactly."""
+    """Sampling through a reduced-vocabulary draft read from a published layout (vLLM's
+    Qwen3DSparkModel, vLLM's z-lab DFlash, an official EAGLE-3 release) follows the target's
+    distribution exactly (chi-square against enumeration). The same draft written in the other
+    layouts that carry a reduced vocabulary (speculators; SGLang's EAGLE-3) loads into the
+    identical configuration and tensors, hence the identical distribution."""
     draft_ids = [0, 2, 3, 5]
     target_hf = read_config(Path(small_target), "target")
     layers = target_hf["num_hidden_layers"]
@@ -533,21 +559,15 @@ def test_published_reduced_vocabulary_drafts_sample_the_target_exactly(small_tar
     if algorithm == "eagle3":
         options["target_layer_ids"] = [h - 1 for h in eagle3_release_layer_ids(layers)]
     else:
-        options.update(num_layers=1, markov_rank=4)
+        options.update(num_layers=1, markov_rank=4 if algorithm == "dspark" else 0)
     source = dspark.init_draft(small_target, tmp_path / "src", algorithm=algorithm, **options)
     native = load_draft(source, None)
-    with torch.no_grad():                              # weights large enough to matter
+    with torch.no_grad():       # weights large enough to matter; the embedding stays the target's
         generator = torch.Generator().manual_seed(11)
-        for param in native.parameters():
-            if param.requires_grad:
+        for name, param in native.named_parameters():
+            if name != "embed_tokens.weight":
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    if algorithm == "eagle3":
-        out = publish_eagle3_release(native, tmp_path / "published", draft_ids)
-    else:
-        out = publish_deepspec(native, target_hf, tmp_path / "published", dtype=torch.float32)
-        config = json.loads((out / "config.json").read_text())
-        config["draft_vocab_size"] = len(draft_ids)                  # vLLM's reduced-vocabulary Qwen3DSparkModel
-        (out / "config.json").write_text(json.dumps(config))
+    out = publish_reduced(native, algorithm, target_hf, tmp_path / "published", draft_ids)
     exact = filtered_exact_distribution(small_target, 1.0, 0, 1.0)
     engine = dspark.Engine.from_pretrained(small_target, draft=str(out), max_batch_size=512)
     assert engine.draft.config.reduced_vocab and engine.draft.config.draft_vocab_size == len(draft_ids)
@@ -555,6 +575,13 @@ def test_published_reduced_vocabulary_drafts_sample_the_target_exactly(small_tar
     assert chi_square_pvalue(counts, exact) > 1e-3
     accepted = [a for o in outputs for a in o.stats["accepted"]]
     assert sum(1 for a in accepted if a > 0) / len(accepted) > 0.05          # the draft was used
+    target_model, _ = load_target(small_target, torch.device("cpu"), torch.float32)
+    tested = load_draft(out, target_model.config, target_model)
+    others = {"speculators": lambda d: publish_speculators(native, target_hf, d, torch.float32)}
+    if algorithm == "eagle3":
+        others["sglang"] = lambda d: publish_eagle3_sglang(native, d, draft_ids, torch.float32)
+    for writer, write in others.items():
+        assert_same_draft(load_draft(write(tmp_path / writer), target_model.config, target_model), tested)
 
 
 # ----------------------------------------------------------------------------- SmolLM2
