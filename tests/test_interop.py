@@ -462,6 +462,8 @@ def test_exported_files_follow_the_published_layouts(target, capsys, tmp_path):
         assert config["max_position_embeddings"] == 2048          # the target's, which happens to be 2048
         tensors = load_file(str(tmp_path / f"e_{fmt}" / "model.safetensors"))
         assert "embed_tokens.weight" not in tensors and "midlayer.self_attn.q_proj.weight" in tensors
+        readme = (tmp_path / f"e_{fmt}" / "README.md").read_text()
+        assert ("vllm serve" in readme) == (fmt == "vllm") and ("--format vllm" in readme) == (fmt == "sglang")
     code, captured = export(capsys, reference_model_dir("dspark"), "vllm", tmp_path / "vllm_dspark", target_dir)
     assert '"method": "dspark"' in captured.err and '"num_speculative_tokens": 7' in captured.err
     code, captured = export(capsys, reference_model_dir("eagle3"), "eagle3", tmp_path / "official", target_dir)
