@@ -288,6 +288,11 @@ def test_out_of_range_settings_are_refused(capsys, work, target):
     assert not (work / "temperature.jsonl").exists()
     run_error(capsys, ["train", "--target", target, "--data", prompts, "--out", work / "nan_lr", "--lr", "nan"],
               "--lr")
+    config = work / "run.yaml"
+    config.write_text(f"target: {target}\nout: {work / 'yaml_run'}\nlr: [0.1\n")
+    run_error(capsys, ["train", "--config", config], f"{config}:3")
+    config.write_text(f"target: {target}\ndata: {prompts}\nout: {work / 'yaml_run'}\nlr: -1\n")
+    run_error(capsys, ["train", "--config", config], "lr")
     run_error(capsys, ["simulate", "--device", "h100", "--target", target, "--acceptance", "0.8", "--rounds", "0"],
               "--rounds")
     run_error(capsys, ["simulate", "--device", "h100", "--target", target, "--acceptance", "0.8",
