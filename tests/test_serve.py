@@ -4,22 +4,27 @@
 What must hold: greedy answers equal `Engine.generate` on the same prompts (lossless through
 the server), bad input gets a 400 with an OpenAI error body, each response's
 metrics.speculative_decoding adds up to the /metrics counters, 64 concurrent clients (some
-leaving mid-stream) lose and duplicate nothing, SIGTERM drains and exits 0, and an internal
-failure is a 500 without a traceback that leaves the other requests alone.
+leaving mid-stream) lose and duplicate nothing, a client that leaves (streamed, non-streamed or
+still waiting) has its request aborted and its place freed, SIGTERM drains and exits 0 while the
+drain timeout bounds how long, and an internal failure is a 500 without a traceback that leaves
+the other requests alone. The in-process tests (`start_server`) inject failures and slowness.
 
 Everything runs on the built-in reference pair (a 6-layer Qwen3 target and its DSpark draft),
-one thread, short answers.
+one thread, short answers. The last tests check tools/bench_serve.py's arithmetic.
 """
 import asyncio
+import importlib.util
 import json
 import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -520,6 +525,59 @@ def test_start_server_helper_answers_429_with_retry_after_when_the_queue_is_full
     assert not server.running
 
 
+def test_a_waiting_request_whose_client_leaves_gives_up_its_place(engine):
+    """One slot, one waiting place: a client that leaves while its request waits frees the place
+    at once; the engine drops the request instead of answering it."""
+    small = _engine_like(engine, max_batch_size=1, schedule="fixed")
+    config = ServeConfig(port=0, max_waiting_requests=1, log_interval=0, access_log=False)
+    with start_server(small, config=config) as server, httpx.Client(timeout=60) as http:
+        url = server.base_url + "/completions"
+        body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 120, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        with http.stream("POST", url, json=body) as running:
+            lines = running.iter_lines()
+            first = next(lines)
+            with http.stream("POST", url, json={**body, "max_tokens": 5}) as waiting:
+                assert waiting.status_code == 200 and server.state.in_flight == 2
+                assert small.pending_requests() == 2
+            deadline = time.monotonic() + 10
+            while server.state.in_flight != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.state.in_flight == 1                     # the waiting place is free again
+            pieces, _, done = _sse_texts([first, *lines])
+        assert done and len(pieces) >= 1
+        deadline = time.monotonic() + 10
+        while small.pending_requests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert small.pending_requests() == 0
+        counts = _parse(server.state.metrics.render().decode())
+        assert _metric(counts, "dspark:request_success_total", finished_reason="abort") == 1
+        assert _metric(counts, "dspark:request_success_total", finished_reason="length") == 1
+        assert _metric(counts, "dspark:generation_tokens_total") == 120      # nothing of the one that left
+
+
+def test_a_draining_server_answers_503_with_retry_after(engine):
+    """Once shutdown has begun, a request that still reaches the app (an open connection) is
+    refused with 503 and Retry-After, and /health says draining."""
+    from dspark.serve import create_app
+
+    app = create_app(engine, ServeConfig(log_interval=0), "m")
+    app.state.dspark.draining = True
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            refused = await http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+            health = await http.get("/health")
+        return refused, health
+
+    refused, health = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+    assert _error(refused)["code"] == "server_shutting_down"
+    assert health.status_code == 503 and health.json() == {"status": "draining"}
+    assert app.state.dspark.in_flight == 0
+
+
 def test_internal_failures_are_500s_without_traceback_and_others_carry_on(engine, monkeypatch, caplog):
     """While a greedy stream runs, three requests fail inside the server: one when it is
     submitted, one mid-generation (as when its logits turn NaN) non-streamed and streamed. Each
@@ -594,9 +652,9 @@ def test_shutdown_waits_at_most_the_drain_timeout_then_aborts(engine, monkeypatc
         server.stop()
         assert not server.running and time.monotonic() - started < 5
         try:
-            pieces, _, done = _sse_texts([first, *lines])
+            done = _sse_texts([first, *lines])[2]
         except httpx.HTTPError:                  # the connection was cut mid-response
-            pieces, done = [], False
+            done = False
     assert not done
     counts = _parse(server.state.metrics.render().decode())
     assert _metric(counts, "dspark:request_success_total", finished_reason="abort") == 1
@@ -643,3 +701,31 @@ def test_cli_refuses_a_bad_port_before_loading_anything():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "port" in result.stderr and "Traceback" not in result.stderr
+
+
+def _bench_serve():
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_serve_arrivals_are_poisson_and_summaries_add_up():
+    bench = _bench_serve()
+    times = bench.arrival_times(rate=4.0, count=4000, seed=3)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and min(gaps) >= 0 and times == bench.arrival_times(4.0, 4000, 3)
+    assert abs(statistics.fmean(gaps) - 0.25) < 0.02                     # mean gap 1 / rate
+    assert abs(statistics.pstdev(gaps) - 0.25) < 0.03                     # exponential: sd = mean
+    done = bench.Record(0, sent=0.0, ttft=0.1, e2e=0.5, itl=[0.1, 0.1, 0.2], token_ids=[1, 2, 3, 4],
+                        spec={"num_spec_steps": 2, "num_accepted_draft_tokens": 3})
+    failed = bench.Record(1, sent=0.2, error="HTTP 429")
+    summary = bench.summarise([done, failed], seconds=2.0)
+    assert summary["completed"] == 1 and summary["failed"] == 1 and summary["output_throughput"] == 2.0
+    assert summary["ttft"]["median"] == 0.1 and summary["itl"]["p99"] == 0.2
+    assert summary["mean_acceptance_length"] == 1 + 3 / 2 and summary["errors"] == ["HTTP 429"]
+    runs = {mode: {"1.0": {"records": [{"index": 0, "error": None, "token_ids": ids}]}}
+            for mode, ids in (("none", [1, 2]), ("budget", [1, 3]))}
+    check = bench.lossless_check(runs, ["none", "budget"])
+    assert check["compared"] == 1 and check["mismatched"] == [{"mode": "budget", "rate": "1.0", "request": 0}]

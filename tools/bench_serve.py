@@ -59,25 +59,29 @@ READY = re.compile(r"ready at (http://[^ ]+) ")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python tools/bench_serve.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for bench_serve.{json,md,png} and logs")
-    parser.add_argument("--target", metavar="MODEL", default=str(dspark.reference_model_dir("target")),
-                        help="target model: a directory, a .gguf file or a known name (default: the built-in reference target)")
-    parser.add_argument("--draft", metavar="DIR", default=str(dspark.reference_model_dir("dspark")),
-                        help="draft directory for the speculative modes (default: the built-in reference DSpark draft)")
-    parser.add_argument("--modes", default="none,budget", metavar="M1,M2,...",
-                        help="comma-separated: none (no draft) and/or schedule names (fixed, threshold, causal, budget); default: none,budget")
-    parser.add_argument("--rates", default="1,2,4,8", metavar="R1,R2,...", help="request rates in requests/s, comma-separated (default: 1,2,4,8)")
-    parser.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests sent at each rate (default: 64)")
-    parser.add_argument("--max-tokens", type=int, default=128, metavar="N", help="tokens each request generates, EOS ignored (default: 128)")
-    parser.add_argument("--prompts", metavar="FILE.jsonl",
-                        help="prompt file (dspark's JSONL shapes); default: ../shared/data/eval if found, else a "
-                             "few built-in prompts")
-    parser.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="the server's --max-batch-size (default: 16)")
-    parser.add_argument("--dtype", default="float32", help="the server's --dtype (default: float32)")
-    parser.add_argument("--backend", help="the server's --backend (default: $DSPARK_BACKEND or auto)")
-    parser.add_argument("--serve-args", default="", metavar="FLAGS", help="more `dspark serve` flags, e.g. \"--cost-profile p.yaml\"")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times and the prompt order (default: 0)")
-    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for a server to load (default: 600)")
+    add = parser.add_argument
+    add("--out", required=True, metavar="DIR", help="folder for bench_serve.{json,md,png} and the server logs")
+    add("--target", metavar="MODEL", default=str(dspark.reference_model_dir("target")),
+        help="target model: a directory, a .gguf file or a known name (default: the built-in reference target)")
+    add("--draft", metavar="DIR", default=str(dspark.reference_model_dir("dspark")),
+        help="draft directory for the speculative modes (default: the built-in reference DSpark draft)")
+    add("--modes", default="none,budget", metavar="M1,M2,...",
+        help="comma-separated: none (no draft) and/or schedule names (fixed, threshold, causal, budget); "
+             "default: none,budget")
+    add("--rates", default="1,2,4,8", metavar="R1,R2,...",
+        help="request rates in requests/s, comma-separated (default: 1,2,4,8)")
+    add("--num-requests", type=int, default=64, metavar="N", help="requests sent at each rate (default: 64)")
+    add("--max-tokens", type=int, default=128, metavar="N",
+        help="tokens each request generates, EOS ignored (default: 128)")
+    add("--prompts", metavar="FILE.jsonl",
+        help="prompt file (dspark's JSONL shapes); default: ../shared/data/eval if found, else a few built-in prompts")
+    add("--max-batch-size", type=int, default=16, metavar="N", help="the server's --max-batch-size (default: 16)")
+    add("--dtype", default="float32", help="the server's --dtype (default: float32)")
+    add("--backend", help="the server's --backend (default: $DSPARK_BACKEND or auto)")
+    add("--serve-args", default="", metavar="FLAGS", help="more `dspark serve` flags, e.g. \"--cost-profile p.yaml\"")
+    add("--seed", type=int, default=0, help="seed of the arrival times and the prompt order (default: 0)")
+    add("--ready-timeout", type=float, default=600, metavar="S",
+        help="seconds to wait for a server to load its model (default: 600)")
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",")]

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import uvicorn
 
