@@ -42,6 +42,7 @@ from ..models import DRAFT_ALGORITHMS, load_draft, load_target
 from ..models.sources import resolve_model
 from ..params import DTYPES, EngineConfig, SamplingParams
 from ..prompts import prompt_ids, read_prompts
+from ..scheduling.acceptance import heldout_report
 from ..scheduling.calibration import calibration_report, survival_labels
 from .profiling import profile_engine
 
@@ -210,6 +211,13 @@ def _acceptance_stats(engine: Engine, gamma: int, with_confidence: bool, greedy:
         temperatures = (engine.sts.greedy if greedy else None) or engine.sts.sampled
         stats["calibration"] = {"before": _mean_report(calibration_report(logits, labels, known)),
                                 "after": _mean_report(calibration_report(logits, labels, known, temperatures))}
+    if all("acceptance_features" in r for r in rounds):
+        # The acceptance estimator for drafts without a confidence head, judged like the head:
+        # fitted on the first half of these whole-block rounds, scored on the second.
+        features = torch.cat([r["acceptance_features"] for r in rounds]).float()
+        report = heldout_report(features, lens, accepted)
+        if report:
+            stats["margin_estimator"] = _mean_report(report)
     return stats
 
 
@@ -233,7 +241,9 @@ def run_acceptance(models: Models, sets: dict, settings: BenchSettings, ledger: 
         plain = models.engine(**common).generate(prompts, _greedy(settings.max_new_tokens, len(prompts)))
         reference = [o.token_ids for o in plain]
         for algorithm in models.drafts:
-            engine = models.engine(algorithm, schedule="fixed", **common)
+            # acceptance="margin": every round also logs the draft's top-2 margins (the schedule
+            # stays fixed, so outputs and tau are unchanged) for the margin estimator's report.
+            engine = models.engine(algorithm, schedule="fixed", acceptance="margin", **common)
             for temperature in settings.temperatures:
                 params = [SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature, seed=i)
                           for i in range(len(prompts))]

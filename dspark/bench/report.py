@@ -72,7 +72,31 @@ def acceptance_tables(results: dict) -> list:
             cell = lambda when, metric: _f(_mean([r[when][metric] for r in reports]), 3)  # noqa: E731
             lines.append(f"| {t} | {cell('before', 'ece')} | {cell('after', 'ece')} | {cell('before', 'auroc')} | "
                          f"{cell('after', 'auroc')} | {cell('before', 'brier')} | {cell('after', 'brier')} |")
-    return lines
+    return lines + _margin_estimator_table(acceptance, algorithms, temps)
+
+
+def _margin_estimator_table(acceptance: dict, algorithms: list, temps: list) -> list:
+    """The margin acceptance estimator (a logistic model of the draft's top-2 margin, fitted on the
+    first half of each run's rounds, scored on the second) beside the DSpark head after STS."""
+    def macro(reports: list, metric: str) -> str:
+        return _f(_mean([r[metric] for r in reports]), 3) if reports and all(reports) else "-"
+
+    rows = []
+    for a in algorithms:
+        for t in (f"T={x:g}" for x in temps):
+            runs = [per[a][t] for per in acceptance.values() if a in per]
+            margin = [run.get("margin_estimator") for run in runs]
+            if not margin or not all(margin):
+                continue
+            head = [(run.get("calibration") or {}).get("after") for run in runs]
+            rows.append(f"| {LABELS[a]} | {t} | {macro(margin, 'ece')} | {macro(margin, 'auroc')} | "
+                        f"{macro(margin, 'brier')} | {macro(head, 'ece')} | {macro(head, 'auroc')} |")
+    if not rows:
+        return []
+    return ["", "### Margin acceptance estimator (held-out half of each run's rounds, cumulative survival, macro "
+                "over datasets) beside the DSpark confidence head after STS", "",
+            "| draft | T | margin ECE | margin AUROC | margin Brier | head ECE | head AUROC |",
+            "|---|---|---:|---:|---:|---:|---:|"] + rows
 
 
 def _mean(values: list) -> float:

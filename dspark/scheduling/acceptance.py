@@ -121,6 +121,27 @@ class MarginEstimator:
         self._device_params = None
 
 
+def heldout_report(
+    features: torch.Tensor,        # [N, gamma, F] margin features of N request-rounds, in serving order
+    verify_lens: torch.Tensor,     # [N]
+    accepted: torch.Tensor,        # [N]
+) -> list:
+    """The margin estimator judged as the confidence head is (calibration_report: per position, the
+    ECE / AUROC / Brier of the cumulative survival): fitted on the first half of the rounds, scored
+    on the second. Rounds should verify whole blocks (labels not censored)."""
+    from .calibration import calibration_report, survival_labels
+
+    assert features.dim() == 3, f"features must be [N, gamma, F], got {tuple(features.shape)}"
+    count, gamma, num_features = features.shape
+    half = count // 2
+    if half < 2:
+        return []
+    estimator = MarginEstimator(gamma, num_features=num_features, window=max(half, 1), refit_every=1, min_rows=1)
+    estimator.observe(features[:half].numpy(), verify_lens[:half].numpy(), accepted[:half].numpy())
+    labels, known = survival_labels(verify_lens[half:].long(), accepted[half:].long(), gamma)
+    return calibration_report(estimator.logits(features[half:]).double(), labels, known)
+
+
 def _logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, bias: float, ridge: float,
                   steps: int = 25) -> tuple:
     """Newton's method on the mean log loss of sigmoid(x . w + b), with ridge on w only (a
@@ -153,4 +174,4 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, bias: float
     return theta[:-1], float(theta[-1])
 
 
-__all__ = ["MAX_MARGIN", "MarginEstimator", "acceptance_labels", "top2_margin"]
+__all__ = ["MAX_MARGIN", "MarginEstimator", "acceptance_labels", "heldout_report", "top2_margin"]
