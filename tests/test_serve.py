@@ -578,6 +578,22 @@ def test_a_draining_server_answers_503_with_retry_after(engine):
     assert app.state.dspark.in_flight == 0
 
 
+def test_api_key_guards_the_openai_endpoints_only(engine):
+    from dspark.serve import create_app
+
+    app = create_app(engine, ServeConfig(log_interval=0, api_key="sesame"), "m")
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return (await http.get("/v1/models"), await http.get("/v1/models", headers={"Authorization": "Bearer no"}),
+                    await http.get("/v1/models", headers={"Authorization": "Bearer sesame"}), await http.get("/health"))
+
+    missing, wrong, right, health = asyncio.run(main())
+    assert missing.status_code == wrong.status_code == 401 and _error(wrong)["code"] == "invalid_api_key"
+    assert right.status_code == 200 and right.json()["data"][0]["id"] == "m"
+    assert health.status_code == 200                                  # probes need no key
+
+
 def test_internal_failures_are_500s_without_traceback_and_others_carry_on(engine, monkeypatch, caplog):
     """While a greedy stream runs, three requests fail inside the server: one when it is
     submitted, one mid-generation (as when its logits turn NaN) non-streamed and streamed. Each

@@ -193,12 +193,11 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
                 if not ids:
                     continue
                 now = time.perf_counter()
-                if record.ttft is None:
+                if record.ttft is None:         # the first chunk: TTFT, and its other tokens came with it
                     record.ttft = now - started
-                    rest = len(ids) - 1
-                else:
-                    rest = len(ids)
-                record.itl += [(now - previous) / rest] * rest if rest else []
+                    record.itl += [0.0] * (len(ids) - 1)
+                else:                           # the gap since the last chunk, shared by this chunk's tokens
+                    record.itl += [(now - previous) / len(ids)] * len(ids)
                 record.token_ids += ids
                 previous = now
         record.e2e = previous - started
@@ -356,6 +355,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "bench_serve.json").exists():
+        print(f"note: {out} holds an earlier run; its bench_serve.* files will be replaced", file=sys.stderr)
     prompts = load_prompts(args.prompts, args.num_requests, args.seed)
     results, exit_codes = {}, {}
     for mode in args.modes:

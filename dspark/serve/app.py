@@ -14,6 +14,7 @@ Failures that are the server's (a bug, a request whose logits went NaN) are logg
 request id and answered 500 with no traceback; the other requests carry on.
 """
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -208,8 +209,8 @@ def create_app(engine, config: Optional[ServeConfig] = None, model_name: Optiona
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {config.api_key}":
+        if config.api_key and request.url.path.startswith("/v1/") and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {config.api_key}".encode()):
             return _error_response(APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                             "authentication_error", code="invalid_api_key"))
         return await call_next(request)
