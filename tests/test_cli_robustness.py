@@ -297,6 +297,10 @@ def test_out_of_range_settings_are_refused(capsys, work, target):
               "--rounds")
     run_error(capsys, ["simulate", "--device", "h100", "--target", target, "--acceptance", "0.8",
                        "--concurrency", "0"], "--concurrency")
+    run_error(capsys, ["simulate", "--device", "h100", "--target", target, "--acceptance", "0.8",
+                       "--concurrency", "1000000000"], "--concurrency", "GiB")
+    run_error(capsys, ["simulate", "--device", "h100", "--target", target, "--acceptance", "0.8",
+                       "--context-len", "1000000"], "--context-len", "max_position_embeddings")
     run_error(capsys, ["generate", "--target", target, "--prompt-ids", "1,2", "--max-model-len", "1000"],
               "max_model_len", "max_position_embeddings")
 

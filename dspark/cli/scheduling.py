@@ -96,6 +96,7 @@ def _sts_prompts(args, engine, records) -> list:
 
 
 # ----------------------------------------------------------------------------- simulate
+DEFAULT_CONTEXT_LEN = 1024
 def _cmd_simulate(args) -> int:
     plot_path = check_output(args.plot, "file", flag="--plot") if args.plot else None
     if args.profile:
@@ -105,14 +106,20 @@ def _cmd_simulate(args) -> int:
             raise ConfigError("--device needs --target DIR (its config.json sizes the model); or pass --profile")
         target_dir = model_dir(args.target, "target")
         target_cfg = target_config(read_config(target_dir, "target"), str(target_dir / "config.json"))
+        limit = target_cfg.max_position_embeddings
+        if args.context_len is not None and args.context_len > limit:
+            raise ConfigError(f"--context-len {args.context_len} is beyond the target's position limit {limit} "
+                              f"(max_position_embeddings in {target_dir}/config.json)")
+        args.context_len = args.context_len or min(DEFAULT_CONTEXT_LEN, limit)
         draft_cfg = None
         if args.draft:
             draft_dir = model_dir(args.draft, "draft")
             draft_cfg = DraftConfig.from_hf(read_config(draft_dir, "draft"), str(draft_dir / "config.json"))
         cost = analytic_cost_model(device_spec(args.device), ModelSpec.from_configs(target_cfg, draft_cfg))
     acceptance = _acceptance(args)
+    _check_simulation_memory(args, len(acceptance))
     rows = simulate(cost, acceptance, concurrency=args.concurrency, rounds=args.rounds,
-                    context_len=args.context_len, threshold=args.threshold)
+                    context_len=args.context_len or DEFAULT_CONTEXT_LEN, threshold=args.threshold)
     if plot_path is not None:
         plot(rows, plot_path, title=f"{cost.source} cost model: {cost.device}; acceptance "
                                     + ",".join(f"{a:.2f}" for a in acceptance))
@@ -123,6 +130,18 @@ def _cmd_simulate(args) -> int:
     else:
         print(markdown_table(rows))
     return 0
+
+
+def _check_simulation_memory(args, gamma: int) -> None:
+    """The simulator draws every round's confidences and outcomes up front (float64
+    [requests, gamma] per round, twice, plus two rounds of history): refuse a size whose draws
+    cannot fit before the allocator is asked to try."""
+    needed = max(args.concurrency) * gamma * 8 * (2 * args.rounds + 2)
+    limit = get_backend("cpu").memory_limit()
+    if limit is not None and needed > limit:
+        raise ConfigError(f"--concurrency {max(args.concurrency)} x --rounds {args.rounds} needs "
+                          f"{needed / 2 ** 30:.1f} GiB of simulated draws, more than the {limit / 2 ** 30:.1f} GiB "
+                          "available; lower --concurrency or --rounds")
 
 
 def _acceptance(args) -> list:
@@ -251,7 +270,9 @@ def add_commands(commands, formatter, para) -> None:
     sim.add_argument("--concurrency", type=positive_int_list, default=",".join(map(str, DEFAULT_CONCURRENCY)),
                      metavar="LIST", help="requests served at once, e.g. 1,16,256")
     sim.add_argument("--rounds", type=positive_int, default=64, metavar="N", help="rounds per point (default 64)")
-    sim.add_argument("--context-len", type=positive_int, default=1024, metavar="N")
+    sim.add_argument("--context-len", type=positive_int, metavar="N",
+                     help=f"context length simulated (default: {DEFAULT_CONTEXT_LEN}, or the target's position limit "
+                          "if lower; at most that limit)")
     sim.add_argument("--threshold", type=probability, default=0.5, metavar="X")
     sim.add_argument("--plot", metavar="FILE.png")
     sim.add_argument("--json", action="store_true")
