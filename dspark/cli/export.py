@@ -70,7 +70,8 @@ def _readme(exported, draft: str, out: Path, target: str, cfg, has_costs: bool) 
         lines += [f"{engine}:", "", "```bash" if engine != "eagle" else "```python", line, "```", ""]
     if exported.layout == "eagle3-sglang":
         lines += ["Serve this directory with SGLang only: its layer ids are SGLang's (layer outputs). For vLLM "
-                  "or vllm-ascend export with `--format vllm`, which writes vLLM's numbering (layer inputs).", ""]
+                  "(on GPUs or Ascend NPUs) export with `--format vllm`, which writes vLLM's numbering (layer "
+                  "inputs).", ""]
     if "vllm" in exported.launch:
         lines += ["vllm-ascend: the same `vllm serve` line on an Ascend NPU host with the vllm-ascend plugin "
                   "installed (it registers itself as a vLLM platform; support for this method depends on "
