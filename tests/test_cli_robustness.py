@@ -129,6 +129,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, work
     run_error(capsys, ["regenerate", "--target", target, "--prompts", prompts, "--out", blocker / "x.jsonl"],
               "--out", blocker)
     run_error(capsys, ["calibrate", "--target", target, "--out", work], "--out", work)
+    run_error(capsys, ["calibrate", "--target", target, "--out", work / "profile.yaml", "--context-lens", "64,100000"],
+              "--context-lens", "100000")
 
 
 def test_calibrate_checks_out_before_measuring(work, target):

@@ -30,11 +30,13 @@ def _cmd_calibrate(args) -> int:
     out = check_output(args.out, "file", inputs=inputs)
     plot_path = check_output(args.plot, "file", flag="--plot", inputs=inputs) if args.plot else None
     config = engine_config(args)
+    _check_context_lens(args, config.max_model_len)
     backend = get_backend(args.backend)
     progress(f"loading {args.target} + {args.draft or 'no draft'} on {backend.name} ...")
     engine = Engine.from_pretrained(args.target, draft=args.draft, backend=backend, **config.to_dict())
     started = time.perf_counter()
-    profile = profile_engine(engine, context_lens=args.context_lens, repeats=args.repeats, progress=progress)
+    profile = profile_engine(engine, context_lens=args.context_lens or DEFAULT_CONTEXT_LENS, repeats=args.repeats,
+                             progress=progress)
     profile.meta.update(target=str(args.target), draft=str(args.draft))
     profile.to_yaml(out)
     progress(f"profiled in {time.perf_counter() - started:.1f} s; wrote {out}")
@@ -43,6 +45,26 @@ def _cmd_calibrate(args) -> int:
         progress(f"wrote {plot_path}")
     print(str(out))
     return 0
+
+
+DEFAULT_CONTEXT_LENS = (64, 256)
+
+
+def _check_context_lens(args, max_model_len) -> None:
+    """--context-lens must fit the context the engine will have (--max-model-len, else the
+    target's position limit capped at 4096, as the engine sizes it); read from a target
+    directory's config.json before anything loads. A GGUF file or a model name is checked by
+    the engine."""
+    if args.context_lens is None or not (Path(args.target) / "config.json").is_file():
+        return
+    target_dir = model_dir(args.target, "target")
+    limit = target_config(read_config(target_dir, "target"), str(target_dir / "config.json")).max_position_embeddings
+    context = max_model_len or min(limit, 4096)
+    too_long = [c for c in args.context_lens if c >= context]
+    if too_long:
+        raise ConfigError(f"--context-lens {','.join(map(str, too_long))} do not fit the engine's context of "
+                          f"{context} positions (--max-model-len, at most max_position_embeddings {limit}); "
+                          "choose smaller context lengths")
 
 
 # ----------------------------------------------------------------------------- sts
@@ -216,8 +238,8 @@ def add_commands(commands, formatter, para) -> None:
     cal.add_argument("--out", required=True, metavar="FILE.yaml",
                      help="the profile to write (checked before profiling; an existing file is replaced)")
     cal.add_argument("--plot", metavar="FILE.png", help="also plot the profile (needs matplotlib)")
-    cal.add_argument("--context-lens", type=positive_int_list, default="64,256", metavar="LIST",
-                     help="context buckets (default 64,256)")
+    cal.add_argument("--context-lens", type=positive_int_list, metavar="LIST",
+                     help="context buckets, each below the engine's context (default 64,256, those that fit)")
     cal.add_argument("--repeats", type=positive_int, default=5, metavar="N",
                      help="rounds per (requests, verify length, context) point, at least; each cell keeps "
                           "the median (default: %(default)s)")
