@@ -470,8 +470,14 @@ def test_exported_files_follow_the_published_layouts(target, capsys, tmp_path):
     assert code == 2 and "inputs of layers [2, 3, 3]" in captured.err
     code, captured = export(capsys, reference_model_dir("eagle3"), "vllm", tmp_path / "no_target")
     assert code == 2 and "--target" in captured.err                   # the reference drafts share lm_head
-    code, captured = export(capsys, reference_model_dir("eagle3"), "vllm", target_dir)     # --out = a target
-    assert code == 2 and "not a draft" in captured.err and (Path(target_dir) / "model.safetensors").is_file()
+    a_target = tmp_path / "a_target"                 # a copy: the shipped models stay untouched
+    a_target.mkdir()
+    (a_target / "config.json").write_text((Path(target_dir) / "config.json").read_text())
+    (a_target / "model.safetensors").write_bytes(b"weights")
+    code, captured = export(capsys, reference_model_dir("eagle3"), "vllm", a_target)     # --out = a target
+    assert code == 2 and "not a draft" in captured.err
+    assert sorted(p.name for p in a_target.iterdir()) == ["config.json", "model.safetensors"]
+    assert (a_target / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_reduced_vocabulary_and_official_exports(target, capsys, tmp_path):
