@@ -360,10 +360,12 @@ def test_planner_keeps_probing_and_follows_the_load_both_ways():
     assert not any(p.draft and not p.probe for p in heavy_again[2:])
 
 
-def test_a_wrong_no_speculation_is_corrected_by_probes_when_costs_are_learned():
-    """The prior says a draft round costs 4 ms (at 4 requests: no speculation); it costs 1 ms.
-    Frozen, the planner only probes forever; learning, its probes time the draft and it speculates."""
-    truth, wrong = linear_cost(0.001), linear_cost(0.004)
+@pytest.mark.parametrize("prior_draft_s", [0.004, 0.2])
+def test_a_wrong_no_speculation_is_corrected_by_probes_when_costs_are_learned(prior_draft_s):
+    """The prior says a draft round costs 4 ms or 200 ms (at 4 requests: no speculation); it costs
+    1 ms. Frozen, the planner only probes forever; learning, its first probe times the draft and
+    it speculates from the next refit on."""
+    truth, wrong = linear_cost(0.001), linear_cost(prior_draft_s)
     frozen = play(RoundPlanner("budget", wrong, 7, "cpu"), 4, 200)
     assert not any(p.draft and not p.probe for p in frozen)
     online = OnlineCostModel(wrong)

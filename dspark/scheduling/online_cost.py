@@ -273,7 +273,7 @@ def _ridge_fit(features: np.ndarray, cells: list, prior_mean: np.ndarray, ridge:
     gram = design.T @ (weights[:, None] * design) + ridge * np.eye(len(scale))
     rhs = design.T @ weights + ridge * prior_mean / scale
     theta = np.linalg.solve(gram, rhs) * scale
-    theta[1] = max(theta[1], 0.05)          # the prior's shape is kept: a bigger step never costs less
+    theta[1] = max(theta[1], 1e-3)          # the prior's shape is kept: a bigger step never costs less
     return theta
 
 
