@@ -3,8 +3,10 @@
 What lives here: `cost_model` (steps per second of the target and the draft per device: measured
 YAML profiles and analytic priors), `planner` (the one place that dispatches on the schedule mode:
 verify lengths per round, the token budget and draft-or-not from finished rounds;
-`schedule_prefix` is a thin wrapper for one-off use) and `calibration` (ECE / AUROC / Brier,
-STS temperatures, online STS).
+`schedule_prefix` is a thin wrapper for one-off use), `online_cost` (the cost model the engine
+refits from its own timed rounds; `dspark calibrate` runs it offline), `acceptance` (the margin
+acceptance estimator for drafts without a confidence head), `sps_table` (a cost profile as an
+engine-neutral JSON table) and `calibration` (ECE / AUROC / Brier, STS temperatures, online STS).
 
 Who may import it: the engine and everything above it. It imports dspark.ops, dspark.backends
 (device facts) and dspark.errors; never the engine (tools that drive an engine to measure it live
