@@ -240,6 +240,25 @@ def test_truncated_trainer_state_through_the_library(work, target, data):
         train(TrainConfig(**{**settings, "steps": 3}), progress=lambda message: None)
 
 
+def test_a_hand_edited_trainer_state_is_one_error(tmp_path):
+    from dspark.errors import DataError
+    from dspark.training.state import STATE_FILE, load_trainer_state, save_trainer_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.randn(1, 3)).sum().backward()
+    optimizer.step()
+    save_trainer_state(tmp_path, optimizer, scheduler, 5, {})
+    assert load_trainer_state(tmp_path, optimizer, scheduler) == 5
+    good = json.loads((tmp_path / STATE_FILE).read_text())
+    for edit in ({"optimizer_scalars": [1]}, {"optimizer_scalars": {"x": 1}}, {"param_groups": 5},
+                 {"scheduler": []}, {"step": "x"}, {"param_groups": [{"betas": 3}]}):
+        (tmp_path / STATE_FILE).write_text(json.dumps({**good, **edit}))
+        with pytest.raises(DataError, match="--fresh"):
+            load_trainer_state(tmp_path, optimizer, scheduler)
+
+
 # ----------------------------------------------------------------------------- bad data, one line each
 def test_training_data_errors_name_the_file_and_line(capsys, work, target, data):
     lines = data.read_text().splitlines()

@@ -54,33 +54,51 @@ def save_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, schedu
 
 
 def load_trainer_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler) -> int:
-    """Restore the optimiser and the LR schedule; returns the step. Errors name the file."""
+    """Restore the optimiser and the LR schedule; returns the step. Errors name the file: a
+    damaged or hand-edited state is one DataError that suggests --fresh, never a traceback."""
     directory = Path(directory)
-    path = directory / STATE_FILE
     try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise ValueError(f"not a trainer state of format {FORMAT}")
-        missing = [k for k in ("step", "param_groups", "optimizer_scalars", "scheduler") if k not in record]
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)}")
-        tensors = load_file(str(directory / TENSOR_FILE))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as exc:
+        record, tensors = _read_state(directory)
+        entries, groups, schedule, step = _parse_state(record, tensors)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError, TypeError, KeyError,
+            AttributeError) as exc:
         raise DataError(f"the trainer state in {directory} is damaged or unreadable ({exc}); "
-                         "start over with --fresh") from None
+                        "start over with --fresh") from None
+    try:
+        optimizer.load_state_dict({"state": entries, "param_groups": groups})
+        scheduler.load_state_dict({**scheduler.state_dict(), **schedule})
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DataError(f"the trainer state in {directory} does not fit this draft ({exc}); start over with --fresh") \
+            from None
+    return step
+
+
+def _read_state(directory: Path) -> tuple:
+    path = directory / STATE_FILE
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"not a trainer state of format {FORMAT}")
+    missing = [k for k in ("step", "param_groups", "optimizer_scalars", "scheduler") if k not in record]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    return record, load_file(str(directory / TENSOR_FILE))
+
+
+def _parse_state(record: dict, tensors: dict) -> tuple:
+    """state.json + the tensors -> (optimizer entries by parameter index, param groups,
+    scheduler state, step). Raises ValueError / TypeError / KeyError on anything malformed."""
     entries: dict = {}
     for key, value in list(tensors.items()) + list(record["optimizer_scalars"].items()):
         index, name = key.split(".", 1)
         entries.setdefault(int(index), {})[name] = value
     groups = record["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise ValueError("param_groups is not a list of mappings")
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
-    try:
-        optimizer.load_state_dict({"state": entries, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
-        raise DataError(f"the trainer state in {directory} does not fit this draft ({exc}); start over with --fresh") \
-            from None
     schedule = {k: v for k, v in record["scheduler"].items() if k != "lr_lambdas"}
-    scheduler.load_state_dict({**scheduler.state_dict(), **schedule})
-    return int(record["step"])
+    step = record["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step {step!r} is not a non-negative integer")
+    return entries, groups, schedule, step
