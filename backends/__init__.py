@@ -1,7 +1,8 @@
 """Hardware abstraction: one Backend class per device, a registry, and selection.
 
 What lives here: `Backend` (device facts, synchronisation, the draft / verify /
-schedule operator interface), the `cpu` reference backend, the `cuda` and
+schedule operator interface), `devices.py` (the DeviceSpec of every device class each backend
+runs as: roofline facts and limits, written once), the `cpu` reference backend, the `cuda` and
 `ascend` backends, and `get_backend`, which resolves a name or the
 `DSPARK_BACKEND` environment variable (cpu | cuda | ascend | auto; auto prefers
 ascend, then cuda, then cpu, detecting without initialising a device).

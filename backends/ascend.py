@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from .base import Backend, BackendUnavailableError, EventTimer
+from .devices import query_limit
 
 _TOOLKIT_ENV = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_OPP_PATH")
 _TOOLKIT_DIRS = ("/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend/cann")
@@ -80,7 +81,8 @@ class AscendBackend(Backend):
     default_dtype = torch.bfloat16
     supports_graphs = True
     collective_backend = "hccl"
-    max_query_tokens_per_request = 16
+    device_specs = ("ascend-910b", "ascend-910c")
+    max_query_tokens_per_request = query_limit(*device_specs)     # fused attention: 16
     # What the fused kernel takes (torch_npu's documentation of npu_fused_infer_attention_score).
     fused_attention_dtypes = (torch.float16, torch.bfloat16)
     fused_max_heads, fused_max_group, fused_max_head_dim, fused_head_dim_align = 256, 64, 512, 16

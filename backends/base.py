@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import BackendUnavailableError, ConfigError
+from .devices import query_limit
 
 
 class Backend:
@@ -24,9 +25,11 @@ class Backend:
     device_type: str = "cpu"
     default_dtype: torch.dtype = torch.float32
     supports_graphs: bool = False
-    # Query tokens one request may carry in a single verify forward (anchor
-    # included); None = unlimited. Ascend's fused attention takes at most 16.
-    max_query_tokens_per_request: Optional[int] = None
+    # The DeviceSpecs (backends/devices.py) this backend runs as; `device_prior` picks one.
+    device_specs: tuple = ("cpu",)
+    # Query tokens one request may carry in a single verify forward (anchor included), from the
+    # device specs; None = unlimited.
+    max_query_tokens_per_request: Optional[int] = query_limit(*device_specs)
     # torch.distributed backend for multi-process training on this device.
     collective_backend: str = "gloo"
 
@@ -63,7 +66,7 @@ class Backend:
         return HostTimer()
 
     def device_prior(self) -> str:
-        """Name of the analytic cost-model prior for this device (see dspark.cost_model.DEVICE_SPECS)."""
+        """Which of `device_specs` this device is (the analytic cost-model prior's name)."""
         return "cpu"
 
     def token_buckets(self, max_tokens: int) -> list:

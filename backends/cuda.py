@@ -23,6 +23,7 @@ class CUDABackend(Backend):
     default_dtype = torch.bfloat16
     supports_graphs = True
     collective_backend = "nccl"
+    device_specs = ("a100", "h100", "h200")
     # Use the Triton kernels when triton is importable and the device is CUDA.
     use_triton = True
 

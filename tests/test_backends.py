@@ -72,3 +72,16 @@ def test_the_backends_query_limit_caps_verify_lengths(bigram_qwen3):
     plain = dspark.Engine.from_pretrained(target).generate([[1, 2, 3]],
                                                             dspark.SamplingParams(max_new_tokens=30, ignore_eos=True))
     assert output.token_ids == plain[0].token_ids
+
+
+def test_each_backend_carries_its_device_specs_and_takes_its_limits_from_them():
+    from dspark.backends import BACKENDS
+    from dspark.backends.devices import DEVICE_SPECS
+    from dspark.scheduling import cost_model
+
+    assert cost_model.DeviceSpec is DEVICE_SPECS["cpu"].__class__          # one definition, re-exported
+    for cls in BACKENDS.values():
+        assert cls.device_specs and all(name in DEVICE_SPECS for name in cls.device_specs)
+        for name in cls.device_specs:
+            assert DEVICE_SPECS[name].max_query_tokens_per_request == cls.max_query_tokens_per_request
+    assert BACKENDS["cpu"]().device_prior() in BACKENDS["cpu"].device_specs

@@ -19,7 +19,7 @@ extrapolated from the last two points. Tables come from two sources:
                overhead, graph buckets, matmul tile, per-request query limit) and the
                model's size, for devices we cannot run on (A100/H100/H200, Ascend 910B/C)
 
-The backend supplies the device facts; nothing here names a device in code paths
+The backend supplies the device facts (its DeviceSpec, dspark.backends.devices); nothing here names a device in code paths
 the scheduler takes. A serving engine does not keep either table as it is: it refits it from
 its own rounds (dspark.scheduling.online_cost), and exports what it learned in this format.
 """
@@ -33,47 +33,10 @@ import numpy as np
 import torch
 import yaml
 
+from ..backends.devices import DEVICE_SPECS, DeviceSpec, device_spec  # noqa: F401  (DEVICE_SPECS, device_spec: re-exported)
 from ..errors import ConfigError
 from ..files import write_text_atomic
 from ..yaml_config import read_config_yaml
-
-
-@dataclass
-class DeviceSpec:
-    """Facts a roofline needs. Peak numbers are public datasheet figures, rounded."""
-    name: str
-    peak_flops: float                 # dense matmul FLOP/s at the serving dtype
-    memory_bandwidth: float           # bytes/s
-    step_overhead_s: float            # launch / graph replay (+ update) cost of one forward
-    graph_buckets: list = field(default_factory=list)  # captured verify-token counts; [] = eager
-    tile: int = 1                     # matmul M tile: token counts round up to a multiple of it
-    max_query_tokens_per_request: Optional[int] = None
-    bytes_per_param: float = 2.0
-    compute_efficiency: float = 0.6   # achievable fraction of peak in these small-M matmuls
-    bandwidth_efficiency: float = 0.8
-
-
-def _vllm_style_buckets(largest: int = 512) -> list:
-    return [1, 2, 4] + list(range(8, largest + 1, 8))
-
-
-DEVICE_SPECS = {
-    # This development machine's class (2 x86 cores, fp32, eager PyTorch with Python overhead).
-    "cpu": DeviceSpec("cpu", peak_flops=1.0e11, memory_bandwidth=1.5e10, step_overhead_s=2e-3, tile=1,
-                      bytes_per_param=4.0, compute_efficiency=0.5, bandwidth_efficiency=0.6),
-    "a100": DeviceSpec("a100", peak_flops=312e12, memory_bandwidth=2.0e12, step_overhead_s=25e-6,
-                       graph_buckets=_vllm_style_buckets(), tile=64),
-    "h100": DeviceSpec("h100", peak_flops=989e12, memory_bandwidth=3.35e12, step_overhead_s=20e-6,
-                       graph_buckets=_vllm_style_buckets(), tile=64),
-    "h200": DeviceSpec("h200", peak_flops=989e12, memory_bandwidth=4.8e12, step_overhead_s=20e-6,
-                       graph_buckets=_vllm_style_buckets(), tile=64),
-    # Ascend: ACL graphs need sequence lengths updated before each replay (higher per-step cost),
-    # the cube unit tiles by 16, and fused attention takes <= 16 query tokens per request.
-    "ascend-910b": DeviceSpec("ascend-910b", peak_flops=313e12, memory_bandwidth=1.6e12, step_overhead_s=60e-6,
-                              graph_buckets=_vllm_style_buckets(), tile=16, max_query_tokens_per_request=16),
-    "ascend-910c": DeviceSpec("ascend-910c", peak_flops=752e12, memory_bandwidth=3.2e12, step_overhead_s=60e-6,
-                              graph_buckets=_vllm_style_buckets(), tile=16, max_query_tokens_per_request=16),
-}
 
 
 @dataclass
@@ -256,10 +219,3 @@ def analytic_cost_model(spec: DeviceSpec, model: ModelSpec, context_lens: Sequen
                      max_query_tokens_per_request=spec.max_query_tokens_per_request,
                      meta={"device_spec": asdict(spec), "model": asdict(model),
                            "typical_query_len": typical_query_len})
-
-
-def device_spec(name: str) -> DeviceSpec:
-    key = name.lower()
-    if key not in DEVICE_SPECS:
-        raise ConfigError(f"no device prior named {name!r}; known: {', '.join(DEVICE_SPECS)}")
-    return DEVICE_SPECS[key]
