@@ -47,6 +47,8 @@ def _cmd_bench(args) -> int:
         settings.speed_max_new_tokens = args.max_new_tokens
     if args.concurrency:
         settings.concurrency = args.concurrency
+    if args.fixed_lengths:
+        settings.fixed_lengths = args.fixed_lengths
     settings.cost_profile = args.cost_profile
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"acceptance", "speed", "concurrency"}
@@ -140,6 +142,8 @@ def add_commands(commands, formatter, para) -> None:
     bench.add_argument("--speed-prompts", type=positive_int, metavar="N", help="batch-1 speed prompts per dataset")
     bench.add_argument("--max-new-tokens", type=positive_int, metavar="N")
     bench.add_argument("--concurrency", type=positive_int_list, metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
+    bench.add_argument("--fixed-lengths", type=positive_int_list, metavar="LIST",
+                       help="the fixed verify lengths the concurrency section times (default 1,3,5,7; quick: 3,7)")
     bench.add_argument("--cost-profile", metavar="FILE.yaml",
                        help="the concurrency section's calibrated profile (`dspark calibrate`); default: "
                             "calibrate one first, at the section's concurrencies (written to OUT/calibrated.yaml)")
