@@ -10,6 +10,7 @@ feeds every layer-index convention and checks that the same target tensors are s
 """
 import importlib.util
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -480,6 +481,19 @@ def test_exported_files_follow_the_published_layouts(target, capsys, tmp_path):
     assert (a_target / "model.safetensors").read_bytes() == b"weights"
 
 
+def suggested_formats(message: str) -> list:
+    """The formats a refusal suggests: "use --format vllm or speculators, or ..." -> [vllm, speculators]."""
+    words = re.split(r"[ ,]+", message.split("--format ", 1)[1])
+    names = []
+    for word in words:
+        if word in FORMATS:
+            names.append(word)
+        elif word != "or":
+            break
+    assert names, message
+    return names
+
+
 def test_reduced_vocabulary_and_official_exports(target, capsys, tmp_path):
     """A reduced-vocabulary EAGLE-3 draft on the official layers exports to every EAGLE-3 layout
     (the official release included) and a reduced-vocabulary DSpark draft to vLLM's and
@@ -498,6 +512,8 @@ def test_reduced_vocabulary_and_official_exports(target, capsys, tmp_path):
             out = tmp_path / f"{native.config.algorithm}_{fmt}"
             code, captured = export(capsys, source, fmt, out)
             assert (code == 0) == (fmt in ok), (fmt, captured.err)
+            if code != 0:        # a refusal suggests only formats that do express this draft
+                assert set(suggested_formats(captured.err)) <= ok, (fmt, captured.err)
             if code == 0:
                 assert_same_draft(load_draft(out, target_model.config, target_model), native)
                 assert load_file(str(out / "model.safetensors"))["d2t"].dtype == torch.int64

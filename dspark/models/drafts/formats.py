@@ -492,7 +492,10 @@ def export_draft(model: torch.nn.Module, fmt: str, base: Optional[dict] = None,
             raise ConfigError("SGLang's DFLASH shares the target's LM head (no reduced draft vocabulary); export "
                               "with --format vllm or speculators")
         return _write_dflash(cfg, state, base, fmt)
-    hint = "speculators" if family == "anchor+masks" else "deepspec, vllm or speculators"
+    if family == "anchor+masks":
+        hint = "speculators"
+    else:                        # DeepSpec's layout has no reduced vocabulary
+        hint = "vllm or speculators" if cfg.reduced_vocab else "deepspec, vllm or speculators"
     raise ConfigError(f"the {fmt} layout cannot express a {cfg.algorithm} draft with "
                       f"{'an anchor + mask' if family == 'anchor+masks' else 'an anchor-first'} block"
                       f"{' and a Markov / confidence head' if cfg.markov_rank > 0 else ''}; use --format {hint}")
