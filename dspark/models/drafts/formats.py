@@ -470,9 +470,11 @@ def export_draft(model: torch.nn.Module, fmt: str, base: Optional[dict] = None,
         return _write_speculators(cfg, state, base, verifier or {})
     if family == "eagle3":
         if fmt == "deepspec":
+            on_release_layers = convert_layer_ids(cfg.target_layer_ids, LAYER_OUTPUT, LAYER_INPUT) == \
+                eagle3_release_layer_ids(cfg.num_target_layers)
             raise ConfigError("DeepSpec's EAGLE-3 (Qwen3Eagle3Model) is a different architecture (q/k norms, five "
-                              "target layers); export an EAGLE-3 draft with --format eagle3, vllm, sglang or "
-                              "speculators")
+                              "target layers); export this EAGLE-3 draft with --format "
+                              f"{'eagle3, ' if on_release_layers else ''}vllm, sglang or speculators")
         return _write_eagle3(cfg, state, base, fmt)
     if fmt == "vllm" and cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
         raise ConfigError(f"vLLM's Qwen3DSparkModel has only the vanilla Markov head (markov_w1, markov_w2); this "
@@ -492,8 +494,10 @@ def export_draft(model: torch.nn.Module, fmt: str, base: Optional[dict] = None,
             raise ConfigError("SGLang's DFLASH shares the target's LM head (no reduced draft vocabulary); export "
                               "with --format vllm or speculators")
         return _write_dflash(cfg, state, base, fmt)
-    if family == "anchor+masks":
-        hint = "speculators"
+    if family == "anchor+masks":     # z-lab's layout (vLLM, SGLang) holds plain DFlash drafts only
+        plain = cfg.markov_rank <= 0 and not cfg.enable_confidence_head
+        hint = ("vllm or speculators" if cfg.reduced_vocab else "vllm, sglang or speculators") if plain \
+            else "speculators"
     else:                        # DeepSpec's layout has no reduced vocabulary
         hint = "vllm or speculators" if cfg.reduced_vocab else "deepspec, vllm or speculators"
     raise ConfigError(f"the {fmt} layout cannot express a {cfg.algorithm} draft with "
