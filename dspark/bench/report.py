@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from ..files import atomic_output, write_text_atomic
 from .harness import ALGORITHMS, LABELS, macro_tau
 
 BEGIN, END = "<!-- dspark bench: begin -->", "<!-- dspark bench: end -->"
@@ -219,7 +220,13 @@ def splice_markdown(document: Path, section: str) -> None:
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
     text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
         text.rstrip("\n") + ("\n\n" if text else "") + section
-    document.write_text(text)
+    write_text_atomic(document, text)
+
+
+def _save(fig, path: Path) -> None:
+    """Write a figure atomically (a PNG written halfway never replaces the last good one)."""
+    with atomic_output(path) as temporary:
+        fig.savefig(temporary, dpi=110, format=path.suffix.lstrip("."))
 
 
 def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
@@ -250,7 +257,7 @@ def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
         axes_list[0].legend()
         fig.tight_layout()
         files["acceptance"] = f"{prefix}_acceptance.png"
-        fig.savefig(out_dir / files["acceptance"], dpi=110)
+        _save(fig, out_dir / files["acceptance"])
         plt.close(fig)
     if "speed" in results:
         rows = results["speed"]
@@ -259,7 +266,7 @@ def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
         ax.set_xlabel("tokens/s at batch 1")
         fig.tight_layout()
         files["speed"] = f"{prefix}_speed.png"
-        fig.savefig(out_dir / files["speed"], dpi=110)
+        _save(fig, out_dir / files["speed"])
         plt.close(fig)
     if "concurrency" in results:
         rows = results["concurrency"]
@@ -273,6 +280,6 @@ def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
         ax.legend(fontsize=8)
         fig.tight_layout()
         files["concurrency"] = f"{prefix}_concurrency.png"
-        fig.savefig(out_dir / files["concurrency"], dpi=110)
+        _save(fig, out_dir / files["concurrency"])
         plt.close(fig)
     return files
