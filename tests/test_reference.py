@@ -10,7 +10,7 @@ import dspark
 from dspark.bench import LosslessError, LosslessLedger, Models, load_prompt_sets
 from dspark.bench.report import BEGIN, END, splice_markdown
 from dspark.params import SamplingParams
-from dspark.models.reference import TINY_MODELS, reference_build_info, reference_model_dir
+from dspark.models.reference import SMOLLM2_DRAFTS, TINY_MODELS, reference_build_info, reference_model_dir
 
 
 def test_every_reference_model_is_shipped_and_small():
@@ -22,6 +22,26 @@ def test_every_reference_model_is_shipped_and_small():
     assert sum(sizes.values()) < 60e6, sizes
     info = reference_build_info()
     assert set(info["stages"]) == {"corpus", "tokenizer", "target", "regenerate", "drafts", "sts", "assistant"}
+
+
+def test_smollm2_drafts_are_shipped_in_bf16_without_the_shared_embedding_and_under_80_mb():
+    from safetensors import safe_open
+
+    total = 0
+    for name in SMOLLM2_DRAFTS:
+        directory = reference_model_dir(name)
+        config = json.loads((directory / "config.json").read_text())
+        assert config["draft_vocab_size"] < config["vocab_size"]           # a reduced draft vocabulary
+        with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+            names = list(weights.keys())
+            assert not any(n.endswith("embed_tokens.weight") for n in names)   # shared with the target
+            floats = [weights.get_slice(n).get_dtype() for n in names if n not in ("d2t", "t2d")]
+            assert set(floats) == {"BF16"}, set(floats)
+        total += sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    assert total < 80e6, total
+    stages = reference_build_info()["smollm2"]["stages"]
+    budgets = {stages["drafts"][a]["budget_minutes"] for a in ("dspark", "dflash", "eagle3")}
+    assert len(budgets) == 1                                                # the same CPU budget for each
 
 
 def test_unknown_reference_model_is_a_clear_error():
