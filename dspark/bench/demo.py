@@ -48,7 +48,7 @@ def model_dirs(model: str, draft: str) -> tuple:
     return reference_model_dir("target"), reference_model_dir(draft)
 
 
-def run_demo(model: str = "smollm2", draft: str = "dspark", schedule: str = "fixed", max_new_tokens: int = 96,
+def run_demo(model: str = "smollm2", draft: str = "dspark", schedule: str = "budget", max_new_tokens: int = 96,
              backend=None, show: Optional[Callable[[str], None]] = None,
              progress: Callable[[str], None] = lambda m: None) -> DemoResult:
     """Run the demo; `show` receives the streamed conversation (None: run quietly)."""

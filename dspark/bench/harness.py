@@ -22,7 +22,7 @@ which batching may legitimately break either way); such positions are counted an
 
 Uses only the public engine API and transformers; imported by dspark.cli_bench.
 """
-import json
+import gc
 import os
 import platform
 import statistics
@@ -464,8 +464,8 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
                     progress: Callable = print) -> list:
     """Tokens/s per configuration of `concurrency_modes` at each concurrency, timed round-robin
     (median of `repeats`), plus each speculative configuration's scheduler share of round time.
-    An engine lives for all repeats of its concurrency, so an online cost model keeps what it
-    learned in earlier repeats (as a serving engine would)."""
+    One engine (and its KV cache) exists at a time: at high concurrency the caches of every mode
+    together would not fit, so each configuration's engine is built for its turn and released."""
     pool = [models.encode(t) for group in zip(*sets.values()) for t in group]   # datasets interleaved
     n = settings.max_new_tokens
     modes = concurrency_modes(models, settings, calibrated_profile(models, settings, pool, progress))
@@ -473,20 +473,23 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
     for concurrency in settings.concurrency:
         prompts = [pool[i % len(pool)] for i in range(concurrency)]
         config = dict(max_batch_size=concurrency, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
-        engines = {label: models.engine(draft, **config, **options) for label, draft, options in modes}
-        seconds, outputs = {label: [] for label in engines}, {}
+        seconds, outputs, shares = {label: [] for label, _, _ in modes}, {}, {}
         for _ in range(settings.repeats):
-            for label, engine in engines.items():
+            for label, draft, options in modes:
+                engine = models.engine(draft, **config, **options)
                 started = time.perf_counter()
                 outputs[label] = [o.token_ids for o in engine.generate(prompts, _greedy(n, concurrency, ignore_eos=True))]
                 seconds[label].append(time.perf_counter() - started)
+                if engine.draft is not None:
+                    shares[label] = _scheduler_share(engine)
+                del engine
+                gc.collect()
         row = {"concurrency": concurrency}
-        for label in engines:
+        for label in seconds:
             if label != "no speculation":
                 ledger.check(f"concurrency/{concurrency}/{label}", prompts, outputs["no speculation"], outputs[label])
             row[label] = sum(len(o) for o in outputs[label]) / statistics.median(seconds[label])
-        row["scheduler_share"] = {label: _scheduler_share(engine) for label, engine in engines.items()
-                                  if engine.draft is not None}
+        row["scheduler_share"] = shares
         rows.append(row)
         best = max((k for k in row if k not in ("concurrency", "scheduler_share")), key=row.get)
         progress(f"  concurrency {concurrency:3d}: best {best} at {row[best]:.0f} tokens/s; budget "
@@ -513,7 +516,7 @@ def run_benchmark(models: Models, sets: dict, settings: BenchSettings, sections=
                   progress: Callable = print) -> dict:
     ledger = LosslessLedger(models)
     results = {"settings": asdict(settings), "datasets": {k: len(v) for k, v in sets.items()},
-               "machine": machine_description(), "backend": models.backend.name,
+               "target": models.target_dir.name, "machine": machine_description(), "backend": models.backend.name,
                "date": time.strftime("%Y-%m-%d"), "commit": _git_commit()}
     timings = {}
     for section, runner in (("acceptance", run_acceptance), ("speed", run_speed), ("concurrency", run_concurrency)):

@@ -196,7 +196,7 @@ def _concurrency_goals(rows: list, modes: list) -> list:
 
 def to_markdown(results: dict, command: str, plots: Optional[dict] = None) -> str:
     lossless = results["lossless"]
-    lines = [BEGIN, f"## `dspark bench` on the reference models", "",
+    lines = [BEGIN, f"## `dspark bench` on {results.get('target', 'the reference models')}", "",
              f"- command: `{command}`",
              f"- machine: {results['machine']}, backend `{results['backend']}`",
              f"- date: {results['date']}, commit {results.get('commit') or 'unknown'}",

@@ -106,8 +106,9 @@ def add_commands(commands, formatter, para) -> None:
                            "shipped drafts; tiny: the 12.6 M-parameter reference pair (default: %(default)s)")
     demo.add_argument("--draft", choices=["dspark", "dflash", "eagle3"], default="dspark",
                       help="which built-in draft (default: %(default)s)")
-    demo.add_argument("--schedule", choices=list(SCHEDULE_MODES), default="fixed",
-                      help="verify-length scheduler (default: %(default)s)")
+    demo.add_argument("--schedule", choices=list(SCHEDULE_MODES), default="budget",
+                      help="verify-length scheduler (default: %(default)s, the load-aware production mode: it "
+                           "drafts only when its cost model says drafting pays; fixed always verifies the block)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=96, metavar="N",
                       help="per prompt (default: %(default)s)")
     add_backend(demo)

@@ -30,7 +30,7 @@ def _cmd_regenerate(args) -> int:
 # TrainConfig fields that are also flags (same name); the draft's sizes go to draft_options.
 TRAIN_FLAGS = ("target", "data", "out", "algorithm", "steps", "global_batch", "micro_batch", "lr", "num_anchors",
                "max_length", "precision", "seed", "init", "log_every", "checkpoint_every", "backend", "features",
-               "cache_dir")
+               "cache_dir", "shard_target")
 DRAFT_FLAGS = ("num_layers", "block_size", "markov_rank")
 
 
@@ -147,5 +147,8 @@ def add_commands(commands, formatter, para) -> None:
                        help="online (default): the target runs inside each step; cached: precompute once into "
                             "sharded safetensors (size printed first)")
     train.add_argument("--cache-dir", metavar="DIR", help="feature cache location (default: <out>/feature_cache)")
+    train.add_argument("--shard-target", action="store_true", default=None,
+                       help="under torchrun: shard the frozen target over the processes with FSDP2, for targets "
+                            "that do not fit one device (with --features online; see docs/DISTRIBUTED.md)")
     add_backend(train)
     train.set_defaults(run=_cmd_train)
