@@ -101,6 +101,22 @@ def _greedy(engine, prompts, max_tokens, **options):
     return engine.generate(prompts, params)
 
 
+def _wait_until_idle_after_aborts(url: str, before: dict, aborts: int) -> dict:
+    """Scrape /metrics until `aborts` more requests ended as aborted and nothing runs or waits
+    (at most 30 s); assert it happened and return the last scrape."""
+    deadline = time.monotonic() + 30
+    while True:
+        after = _scrape(url)
+        aborted = _metric(after, "dspark:request_success_total", finished_reason="abort") - \
+            _metric(before, "dspark:request_success_total", finished_reason="abort")
+        idle = _metric(after, "dspark:num_requests_running") == 0 == _metric(after, "dspark:num_requests_waiting")
+        if (aborted == aborts and idle) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert aborted == aborts and idle
+    return after
+
+
 def _scrape(url: str) -> dict:
     """/metrics as {"name{labels}": value} (label sets as written)."""
     values = {}
@@ -386,16 +402,7 @@ def test_64_concurrent_clients_lose_and_duplicate_nothing(server, engine):
 
     # The server is healthy, idle again, and its counters add up.
     assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
-    deadline = time.monotonic() + 30
-    while True:
-        after = _scrape(server["url"])
-        aborted = _metric(after, "dspark:request_success_total", finished_reason="abort") - \
-            _metric(before, "dspark:request_success_total", finished_reason="abort")
-        idle = _metric(after, "dspark:num_requests_running") == 0 == _metric(after, "dspark:num_requests_waiting")
-        if (aborted == 8 and idle) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert aborted == 8 and idle
+    after = _wait_until_idle_after_aborts(server["url"], before, 8)
     finished = _metric(after, "dspark:request_success_total") - _metric(before, "dspark:request_success_total")
     assert finished == 64
     completed = [answers[j["id"]] for j in kept]
@@ -418,16 +425,7 @@ def test_a_client_leaving_a_non_streamed_request_aborts_it_and_frees_its_slot(se
     body = {"model": MODEL, "prompt": TEXT_PROMPTS[1], "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server["base_url"] + "/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
-    deadline = time.monotonic() + 30
-    while True:
-        after = _scrape(server["url"])
-        aborted = _metric(after, "dspark:request_success_total", finished_reason="abort") - \
-            _metric(before, "dspark:request_success_total", finished_reason="abort")
-        idle = _metric(after, "dspark:num_requests_running") == 0 == _metric(after, "dspark:num_requests_waiting")
-        if (aborted == 1 and idle) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert aborted == 1 and idle
+    after = _wait_until_idle_after_aborts(server["url"], before, 1)
     for reason in ("stop", "length", "error"):                       # it did not finish any other way
         assert _metric(after, "dspark:request_success_total", finished_reason=reason) == \
             _metric(before, "dspark:request_success_total", finished_reason=reason)

@@ -46,7 +46,7 @@ from typing import Optional
 import httpx
 
 import dspark
-from dspark.bench.harness import find_eval_dir, load_prompt_sets, machine_description
+from dspark.bench.harness import find_eval_dir, git_commit, load_prompt_sets, machine_description
 from dspark.prompts import read_prompts
 
 FALLBACK_PROMPTS = ["Explain why the sky is blue.", "Write a python function that reverses a string.",
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
         "command": shlex.join(["python", "tools/bench_serve.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(), "dspark_version": dspark.__version__,
+        "commit": git_commit(), "dspark_version": dspark.__version__,
         "settings": {k: getattr(args, k) for k in ("target", "draft", "modes", "rates", "num_requests", "max_tokens",
                                                   "max_batch_size", "dtype", "backend", "serve_args", "seed")},
         "exit_codes": exit_codes, "results": results, "lossless": lossless_check(results, args.modes)}
@@ -377,14 +377,6 @@ def main(argv=None) -> int:
           + (f"; WARNING: {mismatched} greedy answers differ between modes" if mismatched else ""),
           file=sys.stderr, flush=True)
     return 1 if mismatched else 0
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -504,7 +504,8 @@ def machine_description() -> str:
     return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()} (torch {torch.__version__})"
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
+    """The short commit of the dspark checkout this runs from (None outside a git checkout)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or None
@@ -517,7 +518,7 @@ def run_benchmark(models: Models, sets: dict, settings: BenchSettings, sections=
     ledger = LosslessLedger(models)
     results = {"settings": asdict(settings), "datasets": {k: len(v) for k, v in sets.items()},
                "target": models.target_dir.name, "machine": machine_description(), "backend": models.backend.name,
-               "date": time.strftime("%Y-%m-%d"), "commit": _git_commit()}
+               "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     timings = {}
     for section, runner in (("acceptance", run_acceptance), ("speed", run_speed), ("concurrency", run_concurrency)):
         if section not in sections:

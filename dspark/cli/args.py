@@ -31,16 +31,21 @@ def progress(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- argument types
-def int_list(text: str) -> list:
-    """'1,2,3' -> [1, 2, 3] (spaces allowed)."""
+def _number_list(text: str, kind, example: str, noun: str) -> list:
+    """'1,2,3' -> [kind(1), kind(2), kind(3)] (spaces allowed)."""
     parts = [p for p in text.replace(" ", ",").split(",") if p]
     try:
-        values = [int(p) for p in parts]
+        values = [kind(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like '1,2,3', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {noun}s like '{example}', got {text!r}") from None
     if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
+        raise argparse.ArgumentTypeError(f"expected at least one {noun}")
     return values
+
+
+def int_list(text: str) -> list:
+    """'1,2,3' -> [1, 2, 3] (spaces allowed)."""
+    return _number_list(text, int, "1,2,3", "integer")
 
 
 def positive_int_list(text: str) -> list:
@@ -52,14 +57,7 @@ def positive_int_list(text: str) -> list:
 
 def float_list(text: str) -> list:
     """'0.9,0.8' -> [0.9, 0.8]."""
-    parts = [p for p in text.replace(" ", ",").split(",") if p]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like '0.9,0.8', got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+    return _number_list(text, float, "0.9,0.8", "number")
 
 
 def _bounded_int(text: str, low: int) -> int:
