@@ -88,6 +88,42 @@ def test_init_draft_writes_deepspec_layout_and_copies_embedding(tmp_path, qwen3_
     assert str(out) == str(tmp_path / "draft")
 
 
+@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def test_init_draft_from_target_starts_at_the_targets_last_layer(tmp_path, algorithm):
+    qwen3_target = make_target(tmp_path / "target", "qwen3", seed=5)
+    weights_file = str(tmp_path / "target" / "model.safetensors")
+    weights = load_file(weights_file)
+    for name in weights:                     # norms away from their all-ones initialisation
+        if name.endswith("norm.weight"):
+            weights[name] = 1 + 0.1 * torch.randn_like(weights[name])
+    save_file(weights, weights_file)
+    cold = load_file(str(dspark.init_draft(qwen3_target, tmp_path / "cold", algorithm=algorithm) + "/model.safetensors"))
+    warm_dir = dspark.init_draft(qwen3_target, tmp_path / "warm", algorithm=algorithm, from_target=True)
+    warm = load_file(str(warm_dir) + "/model.safetensors")
+    config = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert "from_target" not in config                        # how the weights began, not a setting
+    target = load_hf(qwen3_target).state_dict()
+    last = f"model.layers.{config['num_target_layers'] - 1}."
+    prefix = "layers.0." if algorithm == "dspark" else "midlayer."
+    assert torch.equal(warm["norm.weight"], target["model.norm.weight"])
+    assert not torch.equal(cold["norm.weight"], target["model.norm.weight"])
+    for name in ("mlp.gate_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight"):
+        assert torch.equal(warm[prefix + name], target[last + name]), name
+    if algorithm == "dspark":                     # q/k/v read d-wide inputs as the target's do
+        assert torch.equal(warm[prefix + "self_attn.q_proj.weight"], target[last + "self_attn.q_proj.weight"])
+    else:                                         # EAGLE-3's q/k/v read [embedding; features]: 2d wide
+        assert warm[prefix + "self_attn.q_proj.weight"].shape != target[last + "self_attn.q_proj.weight"].shape
+    d = config["hidden_size"]
+    deepest = config["target_layer_ids"].index(max(config["target_layer_ids"]))
+    expected = torch.zeros_like(warm["fc.weight"])
+    expected[:, deepest * d:(deepest + 1) * d] = torch.eye(d)
+    assert torch.equal(warm["fc.weight"], expected)
+    draft = load_draft(warm_dir, None)                        # loads like any other draft
+    assert torch.equal(draft.norm.weight, target["model.norm.weight"])
+    if algorithm == "dspark":
+        assert propose(draft, qwen3_target, [3, 5, 7, 11]).tokens.shape == (1, draft.gamma)
+
+
 def propose(draft, target_path, prompt, gamma_uniforms_seed=0):
     """Run a draft on one prompt: target prefill -> draft context -> one proposal (greedy)."""
     target, _ = load_target(target_path, CPU.device, torch.float32)

@@ -193,7 +193,7 @@ def _stream(engine: Engine, inputs: list, params: SamplingParams) -> int:
 
 # ----------------------------------------------------------------------------- init-draft
 INIT_FLAGS = ("num_layers", "block_size", "markov_rank", "markov_head_type", "mask_token_id", "target_layer_ids",
-              "seed")
+              "seed", "from_target")
 
 
 def _cmd_init_draft(args) -> int:
@@ -338,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--target-layer-ids", type=int_list, metavar="IDS",
                       help="target layers whose hidden states feed the draft, e.g. 1,9,17")
     init.add_argument("--seed", type=int, metavar="S", help="seed for the random weights")
+    init.add_argument("--from-target", action="store_true", default=None,
+                      help="warm start: the layers take the target's last layer where shapes match, the final "
+                           "norm the target's, and the feature fusion starts as the identity on the deepest "
+                           "layer (trains faster on small budgets)")
     init.add_argument("--json", action="store_true", help='print {"draft": path, "algorithm": name}')
     init.set_defaults(run=_cmd_init_draft)
 

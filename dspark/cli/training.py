@@ -31,7 +31,7 @@ def _cmd_regenerate(args) -> int:
 TRAIN_FLAGS = ("target", "data", "out", "algorithm", "steps", "global_batch", "micro_batch", "lr", "num_anchors",
                "max_length", "precision", "seed", "init", "log_every", "checkpoint_every", "backend", "features",
                "cache_dir", "shard_target")
-DRAFT_FLAGS = ("num_layers", "block_size", "markov_rank")
+DRAFT_FLAGS = ("num_layers", "block_size", "markov_rank", "from_target")
 
 
 def _cmd_train(args) -> int:
@@ -140,6 +140,8 @@ def add_commands(commands, formatter, para) -> None:
     train.add_argument("--num-layers", type=positive_int, metavar="N", help="draft layers (new drafts)")
     train.add_argument("--block-size", type=positive_int, metavar="N", help="gamma (new drafts)")
     train.add_argument("--markov-rank", type=non_negative_int, metavar="R", help="Markov rank (new DSpark drafts)")
+    train.add_argument("--from-target", action="store_true", default=None,
+                       help="new drafts start from the target's last layer and final norm (see init-draft --help)")
     train.add_argument("--seed", type=int)
     train.add_argument("--log-every", type=positive_int, metavar="N")
     train.add_argument("--checkpoint-every", type=positive_int, metavar="N")

@@ -184,7 +184,7 @@ class DraftConfig:
 
 INIT_OPTIONS = ("num_layers", "block_size", "target_layer_ids", "mask_token_id", "num_anchors", "markov_rank",
                 "markov_head_type", "enable_confidence_head", "confidence_head_with_markov", "anchor_as_first",
-                "intermediate_size", "draft_vocab_size", "seed")
+                "intermediate_size", "draft_vocab_size", "seed", "from_target")
 
 
 def target_parameters(target) -> int:
@@ -220,6 +220,7 @@ def draft_config_for_target(target: TargetConfig, algorithm: str, **options) -> 
     if unknown:
         raise ConfigError(f"unknown draft option(s) {', '.join(unknown)}; valid: {', '.join(INIT_OPTIONS)}")
     options.pop("seed", None)
+    options.pop("from_target", None)         # how init_draft fills the weights, not a size
     entry = draft_algorithm(algorithm)
     settings = dict(entry.defaults)
     settings.update({k: v for k, v in options.items() if v is not None})

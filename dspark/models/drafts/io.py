@@ -79,10 +79,58 @@ def copy_shared_from_target(model: torch.nn.Module, target_model, names=SHARED_W
             model.lm_head.weight.copy_(rows)
 
 
+def start_from_target(model: torch.nn.Module, target_model) -> list:
+    """Warm start: begin where the target ends instead of from noise.
+
+    - every draft layer (`layers.{i}.*`, EAGLE-3's `midlayer.*`) takes the weights of the
+      target's last layer wherever a leaf module has the same type and shapes (the MLP, the
+      norms, the attention projections; EAGLE-3's 2d-wide q/k/v stay random);
+    - the final norm takes the target's final norm (the frozen LM head expects its scale);
+    - `fc` starts as the identity on the deepest fused layer's features and zero elsewhere, so
+      the context the draft attends to begins as the target's own late representation.
+    Modules of another type (Gemma's zero-centred norms, ...) are left as initialised.
+    Returns the names of the draft parameters copied or set."""
+    source_modules = dict(target_model.named_modules())
+    last = f"model.layers.{len(target_model.model.layers) - 1}."
+    done = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if list(module.children()) or not list(module.parameters(recurse=False)):
+                continue
+            parts = name.split(".")
+            if parts[0] == "layers" and len(parts) > 2:
+                source_name = last + ".".join(parts[2:])
+            elif parts[0] == "midlayer":
+                source_name = last + ".".join(parts[1:])
+            elif name == "norm":
+                source_name = "model.norm"
+            else:
+                continue
+            source = source_modules.get(source_name)
+            if type(source) is not type(module):
+                continue
+            own, theirs = module.state_dict(), source.state_dict()
+            if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+                continue
+            module.load_state_dict(theirs)
+            done += [f"{name}.{k}" for k in own]
+        fc = getattr(model, "fc", None)
+        d = model.config.hidden_size
+        if fc is not None and fc.weight.shape[0] == d and fc.weight.shape[1] % d == 0:
+            layer_ids = list(model.config.target_layer_ids)
+            deepest = layer_ids.index(max(layer_ids)) if len(layer_ids) * d == fc.weight.shape[1] else -1
+            fc.weight.zero_()
+            fc.weight[:, deepest * d:(deepest * d + d) or None] = torch.eye(d, dtype=fc.weight.dtype)
+            done.append("fc.weight")
+    return done
+
+
 def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark",
-               draft_vocab_ids: Optional[list] = None, progress=None, **options) -> str:
+               draft_vocab_ids: Optional[list] = None, progress=None, from_target: bool = False,
+               **options) -> str:
     """Create an untrained draft sized for a target, with the target's embedding and LM head
-    copied in. Options: see `dspark.models.draft.INIT_OPTIONS`. A reduced draft vocabulary
+    copied in; `from_target` also warm-starts its layers, final norm and feature fusion from the
+    target (`start_from_target`). Options: see `dspark.models.draft.INIT_OPTIONS`. A reduced draft vocabulary
     (`draft_vocab_size` below the target's) needs `draft_vocab_ids`, the target ids of its tokens
     (`dspark.training.data.select_draft_vocab` picks the most frequent response tokens).
 
@@ -122,6 +170,10 @@ def init_draft(target_dir: PathLike, out_dir: PathLike, algorithm: str = "dspark
     if cfg.reduced_vocab:
         DraftVocab.set_tokens(model, draft_vocab_ids)
     copy_shared_from_target(model, target)
+    if from_target:
+        copied = start_from_target(model, target)
+        if progress is not None:
+            progress(f"warm start from the target's last layer and final norm: {len(copied)} tensors")
     # The draft's config.json starts from the target's text config (a multimodal wrapper's
     # text_config, not its vision / audio parts).
     text_hf = gemma_text_config(target_hf) or target_hf
