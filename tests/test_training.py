@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import dspark
-from dspark.errors import DSparkError
+from dspark.errors import ConfigError, DSparkError
 from dspark.models.drafts.dspark import block_attention_mask
 from dspark.conformance.testing import make_target
 from dspark.training import TrainBatch, TrainConfig, Trainer, train
@@ -351,6 +351,19 @@ def test_train_config_rejects_unknown_keys(tmp_path):
         TrainConfig.from_yaml(path)
     with pytest.raises(ValueError, match="unknown draft algorithm 'medusa'; valid: dspark, dflash, eagle3"):
         TrainConfig.from_yaml(None, target="x", data="y", out="z", algorithm="medusa")
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(lr=0), "lr must be a finite number > 0, got 0"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0"),
+    (dict(warmup_ratio=1.5), "warmup_ratio must be a finite number >= 0 and <= 1"),
+    (dict(l1_weight=-1), "l1_weight must be a finite number >= 0"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(ttt_steps=0), "ttt_steps must be an integer >= 1")])
+def test_train_config_checks_its_numbers_for_the_python_api_too(setting, message):
+    """The same one-line errors as the CLI, before torch would raise from inside the optimiser."""
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
+        TrainConfig(target="x", data="y", out="z", **setting).validate()
 
 
 def test_cached_features_equal_online_features_and_train_alike(corpus, tmp_path):

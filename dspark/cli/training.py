@@ -1,6 +1,5 @@
 """CLI commands for draft training: `regenerate` (target-written responses) and `train`.
 Registered by `dspark.cli.build_parser`; same error and output conventions."""
-import math
 from pathlib import Path
 
 from ..models import DRAFT_ALGORITHMS
@@ -41,35 +40,10 @@ def _cmd_train(args) -> int:
     options = {name: getattr(args, name) for name in DRAFT_FLAGS if getattr(args, name) is not None}
     if options:
         cfg.draft_options = {**cfg.draft_options, **options}
-    _check_numbers(cfg)
     _absolute_paths(cfg)
     out = train(cfg, progress=progress, fresh=args.fresh)
     print(str(out))
     return 0
-
-
-# TrainConfig's numeric settings that TrainConfig.validate leaves to torch (whose ValueError
-# would be a traceback): (name, smallest allowed, whether the smallest itself is allowed, largest).
-TRAIN_NUMBERS = (("lr", 0, False, None), ("max_grad_norm", 0, False, None), ("weight_decay", 0, True, None),
-                 ("warmup_ratio", 0, True, 1), ("ce_weight", 0, True, None), ("l1_weight", 0, True, None),
-                 ("confidence_weight", 0, True, None), ("loss_decay", 0, True, None), ("ttt_decay", 0, True, None))
-
-
-def _check_numbers(cfg) -> None:
-    """One line naming the setting for a value the optimiser or the loss would reject later."""
-    from ..errors import ConfigError
-
-    for name, low, low_allowed, high in TRAIN_NUMBERS:
-        value = getattr(cfg, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or value < low or (value == low and not low_allowed) or (high is not None and value > high):
-            bound = (">= " if low_allowed else "> ") + str(low) + (f" and <= {high}" if high is not None else "")
-            raise ConfigError(f"train setting {name} must be a finite number {bound}, got {value!r}")
-    for name in ("seed", "ttt_steps"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or (name == "ttt_steps" and value < 1):
-            raise ConfigError(f"train setting {name} must be an integer{' >= 1' if name == 'ttt_steps' else ''}, "
-                              f"got {value!r}")
 
 
 def _absolute(path):

@@ -39,6 +39,13 @@ from .features import FeatureCache, target_features
 from .state import STATE_FILE, load_trainer_state, save_trainer_state
 
 
+# Numeric settings checked by TrainConfig.validate: (name, smallest allowed, whether the smallest
+# itself is allowed, largest).
+TRAIN_NUMBERS = (("lr", 0, False, None), ("max_grad_norm", 0, False, None), ("weight_decay", 0, True, None),
+                 ("warmup_ratio", 0, True, 1), ("ce_weight", 0, True, None), ("l1_weight", 0, True, None),
+                 ("confidence_weight", 0, True, None), ("loss_decay", 0, True, None), ("ttt_decay", 0, True, None))
+
+
 @dataclass
 class TrainConfig:
     target: str = ""
@@ -105,6 +112,18 @@ class TrainConfig:
                               "once, on rank 0, to build the cache; drop one of the two settings")
         if not isinstance(self.draft_options, dict):
             raise ConfigError(f"draft_options must be a mapping (num_layers, block_size, ...), got {self.draft_options!r}")
+        # Numbers the optimiser or the loss would reject later, with a traceback.
+        for name, low, low_allowed, high in TRAIN_NUMBERS:
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < low or (value == low and not low_allowed) or (high is not None and value > high):
+                bound = (">= " if low_allowed else "> ") + str(low) + (f" and <= {high}" if high is not None else "")
+                raise ConfigError(f"train setting {name} must be a finite number {bound}, got {value!r}")
+        for name in ("seed", "ttt_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (name == "ttt_steps" and value < 1):
+                raise ConfigError(f"train setting {name} must be an integer{' >= 1' if name == 'ttt_steps' else ''}, "
+                                  f"got {value!r}")
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TrainConfig":
