@@ -22,6 +22,7 @@ from dspark.models import reference_model_dir
 from dspark.scheduling.acceptance import MarginEstimator, acceptance_labels, heldout_report, top2_margin
 from dspark.scheduling.cost_model import CostModel, ModelSpec, analytic_cost_model, device_spec
 from dspark.scheduling.online_cost import OnlineCostModel
+from dspark.errors import ConfigError
 from dspark.scheduling.planner import RoundPlanner
 from stats import chi_square_pvalue
 from test_engine_sampling import VOCAB, empirical_counts, filtered_exact_distribution
@@ -153,6 +154,18 @@ def test_calibrate_is_the_online_estimator_run_offline(bigram_qwen3, tmp_path):
     loaded = CostModel.from_yaml(profile.to_yaml(tmp_path / "cpu.yaml"))
     assert loaded.verify_seconds == profile.verify_seconds
 
+
+
+def test_calibration_refuses_context_lengths_that_do_not_fit_and_defaults_to_ones_that_do(bigram_qwen3):
+    """Asked-for context buckets that cannot be profiled are an error naming the largest that can,
+    not a silently smaller profile; the defaults (64, 256) shrink to what the engine's context holds."""
+    target, draft = bigram_qwen3
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=1, max_model_len=96)
+    with pytest.raises(ConfigError, match=r"context length\(s\) 90 do not fit.*the largest context that can be "
+                                          r"profiled is \d+"):
+        profile_engine(engine, context_lens=(32, 90), repeats=2, requests=[1], verify_lens=[0, 2])
+    profile = profile_engine(engine, repeats=1, requests=[1], verify_lens=[0])
+    assert profile.context_lens == [64]
 
 # ------------------------------------------------------------------------------------ the engine times itself
 def test_cpu_engine_learns_its_own_round_times_from_a_wrong_prior(tmp_path):

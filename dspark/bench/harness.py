@@ -442,11 +442,14 @@ def calibrated_profile(models: Models, settings: BenchSettings, pool: list, prog
     if settings.cost_profile or not models.drafts:
         return settings.cost_profile
     draft = "dspark" if "dspark" in models.drafts else next(iter(models.drafts))
-    longest = max(len(p) for p in pool) + settings.max_new_tokens + settings.block_size + 2
-    context = statistics.median(len(p) for p in pool) + settings.max_new_tokens // 2
+    context = int(statistics.median(len(p) for p in pool) + settings.max_new_tokens // 2)
+    # Room for the section's requests, and for the profile's own rounds at that context (two
+    # repeats of whole blocks: profile_engine refuses a context it cannot decode behind).
+    longest = max(max(len(p) for p in pool) + settings.max_new_tokens + settings.block_size + 2,
+                  context + 2 * (settings.block_size + 1) + 4)
     engine = models.engine(draft, max_batch_size=max(settings.concurrency), max_model_len=longest)
     started = time.perf_counter()
-    profile = profile_engine(engine, context_lens=(int(context),), repeats=2, requests=settings.concurrency)
+    profile = profile_engine(engine, context_lens=(context,), repeats=2, requests=settings.concurrency)
     path = Path(settings.calibrated_out or Path(tempfile.mkdtemp(prefix="dspark-bench-")) / "calibrated.yaml")
     profile.to_yaml(path)
     progress(f"  calibrated a cost profile in {time.perf_counter() - started:.0f} s ({path})")

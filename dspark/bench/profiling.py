@@ -51,12 +51,17 @@ def _driven(engine, model: OnlineCostModel):
         planner.use_cost_model(saved[0])
 
 
-def profile_engine(engine, context_lens: Sequence[int] = (64, 256), max_tokens: Optional[int] = None,
+DEFAULT_CONTEXT_LENS = (64, 256)
+
+
+def profile_engine(engine, context_lens: Optional[Sequence[int]] = None, max_tokens: Optional[int] = None,
                    repeats: int = 5, progress: Callable[[str], None] = lambda message: None,
                    requests: Optional[Sequence[int]] = None, verify_lens: Optional[Sequence[int]] = None) -> CostModel:
     """Drive `engine` over the grid and return what its online cost model learned.
 
     context_lens  context buckets (prompts are sized to land in each); they become the profile's
+                  (default: those of 64 and 256 that fit the engine's context, else half of it;
+                  given ones that do not fit are refused)
     requests      request counts R (default: powers of two up to max_batch_size)
     verify_lens   drafted tokens verified per request (default: 0, 1, gamma / 2, gamma)
     repeats       rounds per grid point, at least (a round emitting fewer tokens adds rounds)
@@ -68,8 +73,15 @@ def profile_engine(engine, context_lens: Sequence[int] = (64, 256), max_tokens: 
         raise ConfigError(f"cannot calibrate {requests[-1]} requests on an engine with max_batch_size {slots}")
     lengths = sorted(verify_lens or _verify_lengths(gamma)) if engine.draft is not None else [0]
     budget = max(1, repeats) * (lengths[-1] + 1) + 1           # new tokens per request at the longest l
-    context_lens = sorted(c for c in context_lens if c + 1 < engine.max_model_len - budget) \
-        or [max(2, (engine.max_model_len - budget) // 2)]
+    largest = engine.max_model_len - budget - 2                # a context that still leaves room to decode
+    if context_lens is None:
+        context_lens = [c for c in DEFAULT_CONTEXT_LENS if c <= largest] or [max(2, largest // 2)]
+    too_long = sorted(c for c in context_lens if c > largest)
+    if too_long:
+        raise ConfigError(f"context length(s) {', '.join(map(str, too_long))} do not fit: with max_model_len "
+                          f"{engine.max_model_len} and {budget} tokens decoded per grid point, the largest context "
+                          f"that can be profiled is {largest}; pass smaller --context-lens or a larger --max-model-len")
+    context_lens = sorted(set(context_lens))
     prior = engine.planner.cost.prior if isinstance(engine.planner.cost, OnlineCostModel) else engine.planner.cost
     model = OnlineCostModel(prior, token_buckets=engine.verify_step.buckets if engine.static else None,
                             context_lens=context_lens)

@@ -35,7 +35,7 @@ def _cmd_calibrate(args) -> int:
     progress(f"loading {args.target} + {args.draft or 'no draft'} on {backend.name} ...")
     engine = Engine.from_pretrained(args.target, draft=args.draft, backend=backend, **config.to_dict())
     started = time.perf_counter()
-    profile = profile_engine(engine, context_lens=args.context_lens or DEFAULT_CONTEXT_LENS, repeats=args.repeats,
+    profile = profile_engine(engine, context_lens=args.context_lens, repeats=args.repeats,
                              progress=progress)
     profile.meta.update(target=str(args.target), draft=str(args.draft))
     profile.to_yaml(out)
@@ -46,8 +46,6 @@ def _cmd_calibrate(args) -> int:
     print(str(out))
     return 0
 
-
-DEFAULT_CONTEXT_LENS = (64, 256)
 
 
 def _check_context_lens(args, max_model_len) -> None:
