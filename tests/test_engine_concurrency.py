@@ -8,6 +8,7 @@ anyone else.
 """
 import random
 import threading
+import time
 
 import pytest
 
@@ -133,3 +134,29 @@ def test_an_exception_in_a_stream_consumer_leaves_other_callers_unharmed(bigram_
     other.join(timeout=120)
     assert box["tokens"] == expected
     assert engine.pending_requests() == 0
+
+
+def test_abort_from_another_thread_drops_a_waiting_request_before_its_prefill(bigram_qwen3):
+    """Stream.abort (what `dspark serve` calls when a client disconnects): a request still waiting
+    for a slot leaves without a prefill, its blocked consumer stops, and the running one goes on."""
+    target, draft = bigram_qwen3
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=1)
+    prefilled, prefill, round_ = [], engine._prefill, engine._round
+    engine._prefill = lambda requests: (prefilled.extend(requests), prefill(requests))[1]
+    engine._round = lambda requests: (time.sleep(0.05), round_(requests))[1]     # the slot stays taken for seconds
+    long = dspark.SamplingParams(max_new_tokens=200, ignore_eos=True)
+    running = engine.stream([[4, 5, 6]], long)
+    next(running)                                          # holds the only slot
+    waiting = engine.stream([[7, 8]], dspark.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    box = {}
+    consumer = threading.Thread(target=lambda: box.setdefault("events", list(waiting)))
+    consumer.start()
+    waiting.abort()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive() and box["events"] == []
+    assert engine.pending_requests() == 1                  # only the running request is left
+    running.abort()
+    assert list(running) == []                            # its queued events are dropped too
+    assert [r.prompt_ids for r in prefilled] == [[4, 5, 6]]
+    out = engine.generate([[7, 8]], dspark.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4 and engine.pending_requests() == 0

@@ -644,15 +644,26 @@ def test_shutdown_waits_at_most_the_drain_timeout_then_aborts(engine, monkeypatc
     slow = _engine_like(engine, max_batch_size=2, schedule="fixed")
     real_stream = slow.stream
 
+    class SlowStream:                            # the engine's Stream, read slowly
+        def __init__(self, events):
+            self.events = events
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            event = next(self.events)
+            time.sleep(0.2)                      # >= 400 / 8 rounds x 0.2 s: far beyond the timeout
+            return event
+
+        def close(self):
+            self.events.close()
+
+        def abort(self):
+            self.events.abort()
+
     def slow_stream(prompts, params):
-        def delayed(events):
-            try:
-                for event in events:
-                    time.sleep(0.2)              # >= 400 / 8 rounds x 0.2 s: far beyond the timeout
-                    yield event
-            finally:
-                events.close()
-        return delayed(real_stream(prompts, params))
+        return SlowStream(real_stream(prompts, params))
 
     monkeypatch.setattr(slow, "stream", slow_stream)
     config = ServeConfig(port=0, drain_timeout=0.5, log_interval=0, access_log=False)

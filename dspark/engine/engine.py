@@ -64,6 +64,37 @@ Prompt = Union[str, Sequence[int], Sequence[dict]]
 log = logging.getLogger("dspark.engine")
 
 
+ABORTED = object()        # put on a call's event queue by Stream.abort: the consumer stops
+
+
+class Stream(Iterator[StreamEvent]):
+    """What `Engine.stream` returns: an iterator of StreamEvents that another thread can abort.
+
+        stream = engine.stream(prompts, params)
+        for event in stream: ...             # in one thread
+        stream.abort()                       # in another: the loop above ends at its next step
+    """
+
+    def __init__(self, engine: "Engine", call: Call, events: Iterator[StreamEvent]):
+        self._engine, self._call, self._events = engine, call, events
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop here (the consumer's thread): unfinished requests are dropped, slots freed."""
+        self._events.close()
+
+    def abort(self) -> None:
+        """Drop this call's unfinished requests from any thread, without waiting for the consumer:
+        requests still waiting for a slot are removed before their prefill, running ones leave at
+        the end of their round, and a consumer blocked on the next event stops iterating."""
+        self._engine._abort(self._call)
+
+
 class Engine:
     def __init__(self, target, tokenizer, draft, backend: Backend, config: EngineConfig,
                  generation_defaults: Optional[dict] = None):
@@ -215,12 +246,15 @@ class Engine:
         return [self._output(r) for r in call.requests]
 
     def stream(self, prompts: Union[Prompt, Sequence[Prompt]],
-               params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> Iterator[StreamEvent]:
+               params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> "Stream":
         """Yield tokens as they are accepted: one StreamEvent per request per step. Safe to call
         from several threads at once; leaving the loop early (break, an exception, garbage
-        collection of the iterator) drops this call's unfinished requests and frees their slots."""
+        collection of the iterator) drops this call's unfinished requests and frees their slots.
+        `abort()` on the returned stream does the same from any thread, at once: requests still
+        waiting for a slot never reach the device, and a consumer blocked on the next event
+        stops iterating."""
         call = self._submit(prompts, params)
-        return self._events(call)
+        return Stream(self, call, self._events(call))
 
     def _events(self, call: Call) -> Iterator[StreamEvent]:
         decoded = {r.index: "" for r in call.requests}
@@ -228,6 +262,8 @@ class Engine:
             remaining = len(call.requests)
             while remaining:
                 event = self._next_event(call)
+                if event is ABORTED or call.closed:         # aborted: events still queued are dropped
+                    return
                 remaining -= event.finished
                 request = event.request
                 yield StreamEvent(request.index, event.token_ids, self._text_delta(request, decoded),
@@ -328,18 +364,24 @@ class Engine:
 
     def _next_event(self, call: Call) -> Event:
         event = call.events.get()
-        if event.error is not None:
+        if event is not ABORTED and event.error is not None:
             raise event.error
         return event
 
     def _close(self, call: Call) -> None:
-        """The caller is done with this call: unfinished requests are dropped by the loop."""
+        """The caller is done with this call: unfinished requests are dropped by the loop (a
+        waiting one here, before it takes a slot; a running one when its round ends)."""
         with self._lock:
             call.closed = True
             dropped = [r for r in self._waiting if r.call is call]
             for r in dropped:
                 self._waiting.remove(r)
                 r.finish_reason = "abort"
+
+    def _abort(self, call: Call) -> None:
+        """`Stream.abort`: close the call and wake its consumer, from any thread."""
+        self._close(call)
+        call.events.put(ABORTED)
 
     def _output(self, r: Request) -> GenerationOutput:
         text = r.text
@@ -676,4 +718,4 @@ def read_generation_config(directory) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-__all__ = ["Engine", "read_generation_config"]
+__all__ = ["Engine", "Stream", "read_generation_config"]

@@ -103,6 +103,7 @@ class EngineStream:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._events = None                      # the engine's Stream, once submitted
         self._thread = threading.Thread(target=self._pump, name="dspark-serve-stream", daemon=True)
 
     async def start(self) -> None:
@@ -113,7 +114,11 @@ class EngineStream:
             raise item
 
     def cancel(self) -> None:
+        """The client went away: its requests leave the engine now, a waiting one before its prefill."""
         self._cancelled.set()
+        events = self._events
+        if events is not None:
+            events.abort()
 
     def __aiter__(self):
         return self
@@ -135,10 +140,12 @@ class EngineStream:
 
     def _pump(self) -> None:
         try:
-            events = self.engine.stream(self.prompts, self.params)
+            events = self._events = self.engine.stream(self.prompts, self.params)
         except BaseException as exc:             # bad input, or a bug: the handler decides which
             self._post(exc)
             return
+        if self._cancelled.is_set():             # cancelled while submitting
+            events.abort()
         self._post(None)
         assemblers = {i: TextAssembler(self.engine.tokenizer, self.params.stop) for i in range(len(self.prompts))}
         try:
