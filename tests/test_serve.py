@@ -607,10 +607,26 @@ def test_internal_failures_are_500s_without_traceback_and_others_carry_on(engine
         if params.max_new_tokens != 11:
             return events
 
-        def broken():
-            events.close()
-            yield StreamEvent(0, [], None, True, "error", "injected NaN logits", None)
-        return broken()
+        class Broken:                            # an engine Stream whose request fails at once
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if events is None:
+                    raise StopIteration
+                self.close()
+                return StreamEvent(0, [], None, True, "error", "injected NaN logits", None)
+
+            def close(self):
+                nonlocal events
+                if events is not None:
+                    events.close()
+                    events = None
+
+            def abort(self):                     # any thread: the engine's own abort
+                if events is not None:
+                    events.abort()
+        return Broken()
 
     monkeypatch.setattr(mine, "stream", failing_stream)
     want = mine.generate("Once upon a time", SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True))[0]
