@@ -82,9 +82,9 @@ def test_each_shipped_draft_is_greedy_identical_to_plain_decoding(plain, draft):
     assert [s.token_ids for s in spec] == [a.token_ids for a in alone]
     assert engine.draft.config.reduced_vocab                    # shipped with a reduced draft vocabulary
     rounds = sum(s.stats["rounds"] for s in spec)
-    # Trained, not random: some draft tokens are accepted (an untrained draft's tau is 1.00 here).
-    # The shipped drafts had 12 CPU-minutes each (BUILD.json); raise this bound with the long build.
-    assert sum(len(s.token_ids) for s in spec) / rounds > 1.02
+    # Trained, not random: an untrained draft's tau is 1.00 here, the first 12-CPU-minute build's about
+    # 1.1; the shipped 22-CPU-minute drafts reach 1.43 (DFlash) to 1.74 (DSpark). Raise with longer builds.
+    assert sum(len(s.token_ids) for s in spec) / rounds > 1.25
 
 
 def test_chat_messages_and_stop_strings(plain):
