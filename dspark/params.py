@@ -90,8 +90,10 @@ class EngineConfig:
         confidence head), "margin" (a logistic model of the draft's top-2 margin, fitted online
         from verified rounds), "both" (that model over the margin and the head's logit), or
         "auto" (the head when the draft has one, else the margin).
-    calibration: "offline" (use the draft's stored STS temperatures) or "online" (keep refitting
-        them from served rounds).
+    calibration: how a confidence head's logits become the confidences the non-fixed schedules
+        use: "online" (default: the stored STS temperatures, then a per-position logistic map
+        refitted from verified rounds while serving, see dspark.scheduling.calibration) or
+        "offline" (the stored STS temperatures alone).
     static_shapes: pad each round to the backend's token buckets, all request rows and the full
         context (the code path graph capture uses); outputs are unchanged.
     graphs: capture each bucket's verify step once and replay it (implies static_shapes);
@@ -107,7 +109,7 @@ class EngineConfig:
     online_costs: bool = True
     acceptance: str = "auto"
     budget_lag: int = 2
-    calibration: str = "offline"
+    calibration: str = "online"
     # Run every round through the fixed-shape (padded, bucketed) step that graph capture
     # replays; on the CPU this tests that path. Backends with graphs turn it on themselves.
     static_shapes: bool = False

@@ -182,3 +182,59 @@ def test_graph_replay_path_reproduces_eager(bigram_qwen3):
     graphed = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
     assert len(engine.captured_graphs) >= 2 and engine.static        # several buckets captured and reused
+
+
+def test_deferred_draft_context_reaches_the_draft_as_if_appended_every_round(bigram_qwen3):
+    """Rounds that do not draft defer their verified positions' draft context to one batched call
+    (at the next drafted round, a prefill, or PENDING_CONTEXT_LIMIT rows). The draft must then see
+    exactly the context it would have seen appended round by round: the same proposals, so the same
+    acceptance per round, and the same cache. Requests queue behind 3 slots, so freed slots are
+    reused by new prompts while rows of their previous owner may still be pending."""
+    from dspark.scheduling.planner import RoundPlan
+
+    target, draft = bigram_qwen3
+    # Short prompts first, then long ones: a freed slot's pending rows sit at positions the next
+    # owner's prompt covers, so appending them after its prefill would overwrite that prompt.
+    prompts = [p[:2] for p in ragged_prompts(3, seed=5)] + [p * 4 for p in ragged_prompts(4, seed=6)]
+
+    def run(limit):
+        engine = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule="budget",
+                                               max_batch_size=3)
+        engine.PENDING_CONTEXT_LIMIT = limit
+        rounds = iter(range(10 ** 6))
+        # Draft every fourth round (two probes' worth of verified drafts), plain decoding otherwise.
+        engine.planner.before_round = lambda keys, caps, context: RoundPlan(draft=True, budget=2) \
+            if next(rounds) % 4 == 3 else RoundPlan(draft=False)
+        outputs = engine.generate(prompts, GREEDY)
+        engine._flush_draft_context()
+        accepted = [r["accepted"].tolist() for r in engine.round_log if r.get("drafted")]
+        return [o.token_ids for o in outputs], accepted, engine.draft_cache
+
+    deferred, every_round = run(limit=4096), run(limit=0)
+    assert deferred[0] == every_round[0]
+    assert deferred[1] == every_round[1] and sum(map(sum, deferred[1])) > 0
+    assert torch.allclose(deferred[2].k, every_round[2].k, atol=1e-12)
+    assert torch.allclose(deferred[2].v, every_round[2].v, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["budget", "causal"])
+def test_probes_that_draft_for_some_requests_only_are_lossless(bigram_qwen3, schedule):
+    """A probe drafts for a quarter of the requests (RoundPlan.rows); the others verify nothing
+    that round. Greedy output stays identical to plain decoding, only the chosen rows verify
+    drafts, and the draft's cost is learned at the number of rows that drafted."""
+    from dspark.scheduling.planner import RoundPlan
+
+    target, draft = bigram_qwen3
+    prompts = ragged_prompts(6, seed=9)
+    plain = dspark.Engine.from_pretrained(target, dtype="float64").generate(prompts, GREEDY)
+    engine = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule=schedule,
+                                           max_batch_size=4)
+    rounds = iter(range(10 ** 6))
+    engine.planner.before_round = lambda keys, caps, context: RoundPlan(
+        draft=True, budget=3, probe=True, rows=[len(keys) - 1]) if next(rounds) % 2 else RoundPlan(draft=False)
+    outputs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == [p.token_ids for p in plain]
+    probes = [r for r in engine.round_log if r.get("probe")]
+    assert probes and all((r["verify_lens"][:-1] == 0).all() for r in probes)
+    assert sum(int(r["accepted"].sum()) for r in probes) > 0          # the drafting row did verify drafts
+    assert set(engine.cost_model._draft_cells) == {1}                  # one row drafted each time

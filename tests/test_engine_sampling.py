@@ -114,29 +114,30 @@ def test_confidence_schedules_sample_the_exact_target_distribution(small_vocab_p
 
 
 def test_online_calibration_adapts_while_staying_lossless(bigram_qwen3):
-    from dspark.scheduling.calibration import calibration_report, survival_labels
+    from dspark.scheduling.acceptance import acceptance_labels
 
     target, draft = bigram_qwen3
     prompts = [[i, (3 * i) % 64, 7] for i in range(40)]
     greedy = dspark.SamplingParams(max_new_tokens=24, ignore_eos=True)
     plain = dspark.Engine.from_pretrained(target, dtype="float64").generate(prompts, greedy)
     engine = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule="threshold",
-                                           threshold=0.3, calibration="online", max_batch_size=8)
-    bad = [6.0] * engine.gamma                      # far too flat: every confidence pulled towards 0.5
-    online = engine.online_sts[True]                # these rounds are greedy
-    online.temperatures = list(bad)
-    engine.sts.greedy = list(bad)
-    online.refit_every, online.min_rows = 8, 64
+                                           threshold=0.3, max_batch_size=8)      # calibration="online": the default
+    model = engine.calibration.models[True]        # these rounds are greedy
+    model.bias[:] = 6.0                            # a start far too optimistic: every confidence ~1
+    model._device_params = None
     stored = list(engine.draft.config.confidence_temperatures or [])
     outputs = engine.generate(prompts, greedy)
     assert [o.token_ids for o in outputs] == [p.token_ids for p in plain]
-    adapted = engine.sts.greedy
-    assert adapted != bad and online.rounds > 8
-    assert list(engine.draft.config.confidence_temperatures or []) == stored     # the draft is never rewritten
     records = [r for r in engine.round_log if "confidence_logits" in r]
     logits = torch.cat([r["confidence_logits"] for r in records])
-    labels, known = survival_labels(torch.cat([r["verify_lens"] for r in records]),
-                                    torch.cat([r["accepted"] for r in records]), engine.gamma)
-    before = calibration_report(logits, labels, known, bad)[0]["ece"]
-    after = calibration_report(logits, labels, known, adapted)[0]["ece"]
-    assert after < 0.5 * before
+    reached, label = acceptance_labels(torch.cat([r["verify_lens"] for r in records]).numpy(),
+                                       torch.cat([r["accepted"] for r in records]).numpy(), engine.gamma)
+    rate = label[reached[:, 0], 0].mean()                            # how often a first draft survived
+    confidence = engine.calibration.confidence(logits, torch.ones(len(logits), dtype=torch.bool))[:, 0]
+    assert model.refits > 0 and rate < 0.8                           # the start said ~1.0 ...
+    assert abs(float(confidence[torch.from_numpy(reached[:, 0])].mean()) - rate) < 0.05   # ... now it matches
+    assert engine.calibration.models[False].refits == 0              # sampled rows: none seen
+    assert list(engine.draft.config.confidence_temperatures or []) == stored     # the draft is never rewritten
+    offline = dspark.Engine.from_pretrained(target, draft=draft, dtype="float64", schedule="threshold",
+                                            calibration="offline")
+    assert offline.calibration is None

@@ -300,7 +300,9 @@ def test_first_refits_verify_whole_blocks():
         assert plan.full and lens.tolist() == caps and known == sum(caps)
         seen_full += 1
         synthetic_rounds(estimator, [[0.0]] * gamma, [0.0] * gamma, 1, 3, rng)
-    assert seen_full == 2 * estimator.refit_every
+    # 3 rows a round: min_rows (4) after 2 rounds, the first refit then, the second a round later
+    # (the first EARLY_REFITS refits come a round apart; refit_every applies after them).
+    assert estimator.warmup_refits == 2 and seen_full == 3
     plan = planner.before_round(keys, caps, 0)
     assert not plan.full
 
@@ -323,7 +325,7 @@ def test_engine_warms_the_estimator_up_on_whole_blocks_then_schedules():
                     dspark.SamplingParams(max_new_tokens=200, ignore_eos=True))
     warmup = [(plan, record) for (refits, plan), record in zip(planned, engine.round_log)
               if refits < engine.estimator.warmup_refits]
-    assert len(warmup) >= 2 * engine.estimator.refit_every
+    assert len(warmup) >= engine.estimator.warmup_refits
     for plan, record in warmup:
         assert plan.full and record["verify_lens"].tolist() == [engine.gamma] * record["requests"]
     later = [plan for refits, plan in planned if refits >= engine.estimator.warmup_refits]
@@ -349,13 +351,14 @@ def play(planner, requests, rounds, confidence=0.9, cost=None, truth=None):
         plan = planner.before_round(keys, caps, 0)
         plans.append(plan)
         tokens = requests
+        rows = plan.rows if plan.rows is not None else keys          # a probe drafts for some requests
         if plan.draft:
-            lens, _ = planner.verify_lengths(backend, plan, conf, caps, 0)
+            lens, _ = planner.verify_lengths(backend, plan, conf[rows], [caps[i] for i in rows], 0)
             tokens += int(lens.sum())
-            planner.record(keys, conf)
+            planner.record([keys[i] for i in rows], conf[rows])
         if cost is not None:
             cost.observe(requests, tokens, 0, truth.verify_time(tokens, 0, requests),
-                         truth.draft_time(requests) if plan.draft else None)
+                         truth.draft_time(len(rows)) if plan.draft else None, draft_requests=len(rows))
     return plans
 
 
@@ -366,11 +369,41 @@ def test_planner_keeps_probing_and_follows_the_load_both_ways():
     assert not any(p.draft and not p.probe for p in steady)          # no speculation at 64 requests ...
     probes = [i for i, p in enumerate(heavy) if p.probe]
     assert len(probes) >= 3                                          # ... but it keeps probing,
+    drafted = [heavy[i].rows for i in probes]                        # with a quarter of the requests,
+    assert all(len(rows) == 16 for rows in drafted)                  # those least recently drafted
+    assert set(drafted[0]).isdisjoint(drafted[1]) and set(drafted[1]).isdisjoint(drafted[2])
     assert np.all(np.diff(probes)[1:] >= np.diff(probes)[:-1])       # less and less often
     light = play(planner, 1, 5)                                      # the load drops
     assert all(p.draft and not p.probe for p in light[2:])           # speculation resumes within 2 rounds
     heavy_again = play(planner, 64, 5)                               # and rises again
     assert not any(p.draft and not p.probe for p in heavy_again[2:])
+
+
+def test_the_optimistic_start_is_replaced_by_the_first_measured_block():
+    """Before any block, the running mean is optimistic (every draft accepted): the first round
+    drafts. Its confidences then replace the start (an EMA from 1.0 would keep new requests
+    optimistic for tens of rounds: at 0.3 acceptance, 0.93 after one block)."""
+    planner = RoundPlanner("budget", linear_cost(0.0005), 7, "cpu")
+    first = planner.before_round(list(range(4)), [7] * 4, 0)
+    assert first.draft and not first.probe
+    planner.record(list(range(4)), torch.full((4, 7), 0.3, dtype=torch.float64))
+    assert np.allclose(planner._mean, 0.3)
+    planner.record(list(range(4)), torch.full((4, 7), 0.5, dtype=torch.float64))
+    assert np.allclose(planner._mean, 0.34)                                # then an EMA
+
+
+def test_a_request_whose_last_block_was_bad_drafts_again_when_the_population_says_so():
+    """One request (drafting pays at 1 request, verify 3 ms + 1 ms per token, draft 0.5 ms) had a
+    block of confidence 0.01: the next rounds do not draft. Its history ages out after lag + 1
+    rounds and the running mean (0.9: the population's recent blocks) decides again, instead of
+    waiting for the next probe."""
+    planner = RoundPlanner("budget", linear_cost(0.0005), 7, "cpu")
+    planner.record([1], torch.full((1, 7), 0.9, dtype=torch.float64))      # the population's mean: 0.9
+    planner.record([0], torch.full((1, 7), 0.01, dtype=torch.float64))     # the request's own bad block
+    planner._mean = np.full(7, 0.9)
+    plans = [planner.before_round([0], [7], 0) for _ in range(6)]
+    assert not plans[0].draft                                              # its own block still speaks ...
+    assert all(p.draft and not p.probe for p in plans[planner.lag + 1:])   # ... then the mean does
 
 
 @pytest.mark.parametrize("prior_draft_s", [0.004, 0.2])
@@ -399,7 +432,10 @@ def test_simulator_corrects_accelerator_priors_online(device):
         by = {(r.mode, r.concurrency): r for r in rows}
         for concurrency in (1, 64):
             online = by[("budget, online", concurrency)]
-            assert online.model_error < 0.06, (model, fact, factor, concurrency)
+            # Over every size R .. 8R, also those the scheduler never runs: with the jump term of
+            # rounds that verify drafts (which this simulated device lacks), the worst case, the 8B
+            # model's bandwidth 2x off at 64 requests, is 7.4 % off, most of it at R+1 .. 2R.
+            assert online.model_error < 0.08, (model, fact, factor, concurrency)
             best = by[("budget, true costs", concurrency)].throughput_tokens_per_s
             assert online.throughput_tokens_per_s >= 0.97 * best
         if fact == "memory_bandwidth":          # here the frozen prior really costs throughput

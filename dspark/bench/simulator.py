@@ -164,19 +164,23 @@ def _play(mode, cost, true_cost, requests, gamma, confidences, outcomes, context
     for confidence, outcome in zip(confidences, outcomes):
         plan = planner.before_round(keys, caps, context_len) if planner is not None else None
         lens = torch.zeros(requests, dtype=torch.long)
+        drafting = requests
         if plan is not None and plan.draft:
-            lens, _ = planner.verify_lengths(backend, plan, confidence, caps, context_len)
-            planner.record(keys, confidence)
+            rows = plan.rows if plan.rows is not None else list(range(requests))   # a probe drafts for some
+            drafting = len(rows)
+            lens[rows], _ = planner.verify_lengths(backend, plan, confidence[rows], [caps[i] for i in rows],
+                                                   context_len)
+            planner.record([keys[i] for i in rows], confidence[rows])
         survived = (outcome < confidence).long().cumprod(-1).sum(-1)
         tokens += float((torch.minimum(survived, lens) + 1).sum())
         batch = requests + int(lens.sum())
         verify_s = true_cost.verify_time(batch, context_len, requests) * float(np.exp(rng.normal(0, noise)))
-        draft_s = true_cost.draft_time(requests) * float(np.exp(rng.normal(0, noise))) \
+        draft_s = true_cost.draft_time(drafting) * float(np.exp(rng.normal(0, noise))) \
             if plan is not None and plan.draft else None
         seconds += verify_s + (draft_s or 0.0)
         verify_tokens += batch
         if isinstance(cost, OnlineCostModel):
-            cost.observe(requests, batch, context_len, verify_s, draft_s)
+            cost.observe(requests, batch, context_len, verify_s, draft_s, draft_requests=drafting)
     count = len(confidences)
     return SimulationRow(mode, requests, tokens / requests / seconds, tokens / seconds, tokens / count / requests,
                          verify_tokens / count)

@@ -124,7 +124,9 @@ ENGINE_HELP = {
                   "margin (fitted online from the draft's top-2 margin), both, or auto (head if the draft has one)",
     "budget_lag": "--schedule budget: rounds between the confidences that size the budget and the round it "
                   "is spent in",
-    "calibration": "offline: the draft's stored STS temperatures; online: keep refitting them while generating",
+    "calibration": "how a confidence head is calibrated for the non-fixed schedules: online (default): the "
+                   "stored STS temperatures, then a per-position logistic map refitted from verified rounds "
+                   "while generating; offline: the stored STS temperatures alone",
     "static_shapes": "pad every round to the backend's token buckets (the path graph capture uses; same output)",
     "graphs": "capture each bucket's verify step once and replay it (default: the backend's choice)",
 }

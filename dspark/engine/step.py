@@ -38,7 +38,11 @@ class VerifyStep:
             bucket = next(b for b in self.buckets if b >= num_tokens)
             batch = self.static_batch(query_lens, starts, slots, num_tokens, bucket)
         else:
-            bucket, batch = None, StepBatch.from_lengths(query_lens, starts, slots, num_tokens, self.query_width)
+            # The longest query is known on the host without a sync: never wider than the block, nor
+            # than 1 + every verified draft of the round (1 in a round that did not draft). Padding
+            # every query to the full width made each non-drafting round's attention 8x too wide.
+            width = min(self.query_width, block.shape[1], 1 + num_tokens - num)
+            bucket, batch = None, StepBatch.from_lengths(query_lens, starts, slots, num_tokens, width)
         padded = torch.cat([block, block.new_zeros(batch.num_requests - num, block.shape[1])])
         batch.input_ids = padded[batch.token_rows, batch.token_offsets.clamp(max=block.shape[1] - 1)]
         out = self.replay(batch, bucket) if self.graphs else \

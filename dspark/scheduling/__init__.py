@@ -6,7 +6,7 @@ verify lengths per round, the token budget and draft-or-not from finished rounds
 `schedule_prefix` is a thin wrapper for one-off use), `online_cost` (the cost model the engine
 refits from its own timed rounds; `dspark calibrate` runs it offline), `acceptance` (the margin
 acceptance estimator for drafts without a confidence head), `sps_table` (a cost profile as an
-engine-neutral JSON table) and `calibration` (ECE / AUROC / Brier, STS temperatures, online STS).
+engine-neutral JSON table) and `calibration` (ECE / AUROC / Brier, STS temperatures, the head recalibrated online).
 
 Who may import it: the engine and everything above it. It imports dspark.ops, dspark.backends
 (device facts) and dspark.errors; never the engine (tools that drive an engine to measure it live

@@ -58,20 +58,30 @@ class MarginEstimator:
     gamma          block size
     num_features   1 (margin) or 2 (margin and the confidence head's raw logit)
     window         rows kept per position (sliding: old rows leave as new ones arrive)
-    refit_every    rounds between refits
+    refit_every    rounds between refits (after the first EARLY_REFITS, which come a round apart)
     warmup_refits  refits whose rows come from whole-block verification
+    initial        the acceptance rate before the first fit (weights 0) ...
+    initial_weight ... or, with a nonzero weight, the map to start from: sigmoid(w * f + 0), e.g.
+                   1 for a feature that is already a calibrated logit (the head's, after STS); the
+                   fit is then pulled towards that map with `ridge` counted in rows of evidence
     """
 
+    EARLY_REFITS = 4
+
     def __init__(self, gamma: int, num_features: int = 1, window: int = 4096, refit_every: int = 8,
-                 warmup_refits: int = 2, min_rows: int = 16, ridge: float = 1e-2, initial: float = 0.5):
+                 warmup_refits: int = 2, min_rows: int = 16, ridge: float = 1e-2, initial: float = 0.5,
+                 initial_weight: float = 0.0):
         self.gamma, self.num_features = gamma, num_features
         self.window, self.refit_every, self.warmup_refits = window, refit_every, warmup_refits
         self.min_rows, self.ridge = min_rows, ridge
-        self.weights = np.zeros((gamma, num_features))
-        self.bias = np.full(gamma, float(np.log(initial / (1 - initial))))
+        self.weights = np.full((gamma, num_features), float(initial_weight))
+        self.bias = np.full(gamma, 0.0 if initial_weight else float(np.log(initial / (1 - initial))))
+        # A model that starts from a meaningful map (initial_weight) is pulled towards it, bias
+        # included, so its first fits from a few rows stay near the start instead of jumping.
+        self._centre = (float(initial_weight), 0.0) if initial_weight else None
         self._rows = [deque() for _ in range(gamma)]        # per position: (features [n, F], labels [n])
         self._counts = [0] * gamma
-        self.rounds = self.refits = 0
+        self.rounds = self.refits = self._last_refit = 0
         self._device_params: Optional[tuple] = None
 
     @property
@@ -104,9 +114,13 @@ class MarginEstimator:
                 while self._counts[k] - len(self._rows[k][0][1]) >= self.window:
                     self._counts[k] -= len(self._rows[k].popleft()[1])
         self.rounds += 1
-        if self.rounds % self.refit_every or self._counts[0] < self.min_rows:
+        # The first EARLY_REFITS fits come as soon as there are rows enough (a round each), so a
+        # wrong start is corrected within a few rounds; then every `refit_every` rounds.
+        early = self.refits < self.EARLY_REFITS
+        if self._counts[0] < self.min_rows or (not early and self.rounds - self._last_refit < self.refit_every):
             return False
         self.refit()
+        self._last_refit = self.rounds
         return True
 
     def refit(self) -> None:
@@ -114,7 +128,10 @@ class MarginEstimator:
             if self._counts[k] >= self.min_rows:
                 x = np.concatenate([f for f, _ in self._rows[k]])
                 y = np.concatenate([labels for _, labels in self._rows[k]])
-                self.weights[k], self.bias[k] = _logistic_fit(x, y, self.weights[k], self.bias[k], self.ridge)
+                # Towards a centre, the ridge counts as that many rows of evidence: it washes out.
+                ridge = self.ridge if self._centre is None else self.ridge / len(y)
+                self.weights[k], self.bias[k] = _logistic_fit(x, y, self.weights[k], self.bias[k], ridge,
+                                                              centre=self._centre)
             elif k > 0:                      # too few rows this deep: no more confident than k - 1
                 self.weights[k], self.bias[k] = self.weights[k - 1], min(self.bias[k], self.bias[k - 1])
         self.refits += 1
@@ -143,23 +160,28 @@ def heldout_report(
 
 
 def _logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, bias: float, ridge: float,
-                  steps: int = 25) -> tuple:
+                  steps: int = 25, centre: Optional[tuple] = None) -> tuple:
     """Newton's method on the mean log loss of sigmoid(x . w + b), with ridge on w only (a
-    constant feature, as greedy rows give, then leaves w ~ 0 and b = the log-odds of the rate).
+    constant feature, as greedy rows give, then leaves w ~ 0 and b = the log-odds of the rate),
+    or, given a centre (w0, b0), ridge on both towards it (a recalibration that starts at a map).
     Warm-started from the current parameters; a step that would not lower the loss is halved."""
     design = np.concatenate([x, np.ones((len(x), 1))], axis=1)          # [n, F + 1]
     penalty = np.full(design.shape[1], ridge)
-    penalty[-1] = 1e-6
+    if centre is None:
+        penalty[-1] = 1e-6
+        target = np.zeros(design.shape[1])
+    else:
+        target = np.append(np.full(design.shape[1] - 1, centre[0]), centre[1])
     theta = np.append(weights, bias)
 
     def loss(t):
         z = design @ t
-        return float(np.mean(np.logaddexp(0, z) - y * z) + 0.5 * np.sum(penalty * t * t))
+        return float(np.mean(np.logaddexp(0, z) - y * z) + 0.5 * np.sum(penalty * (t - target) ** 2))
 
     current = loss(theta)
     for _ in range(steps):
         p = 1 / (1 + np.exp(-(design @ theta)))
-        gradient = design.T @ (p - y) / len(y) + penalty * theta
+        gradient = design.T @ (p - y) / len(y) + penalty * (theta - target)
         hessian = (design.T * (p * (1 - p))) @ design / len(y) + np.diag(penalty)
         step = np.linalg.solve(hessian, gradient)
         size = 1.0

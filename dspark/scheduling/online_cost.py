@@ -14,8 +14,13 @@ Two layers, each robust on its own:
                  three rejected times in a row that agree restart the cell (a real change of
                  speed, or a cell whose first times were spikes, is never locked out)
     correction   an affine map of the prior fitted to the cell medians by ridge regression in
-                 relative error:  verify = a + s * prior(R, B, c) + h * R,
+                 relative error:  verify = a + s * prior(R, B, c) + h * R + j * [B > R],
                                   draft  = a' + s' * prior_draft(R)
+                 j is what the verify side of a round that verifies drafts costs beyond a plain
+                 step (sampling and acceptance over R x (l + 1) vocabulary rows, not R): a jump at
+                 B = R + 1 no affine map of the prior has. Without it, the plain cell (few times:
+                 the planner drafts where drafting pays) was priced from the drafted ones, 20 %
+                 too dear on SmolLM2 at 2 requests, and drafting looked cheaper than it was
                  it carries what a few cells say to the cells never run (a prior whose step
                  overhead is 2x off is exactly an error in a); the ridge pulls (a, s, h) towards
                  (0, 1, 0) where the cells cannot tell the parameters apart
@@ -65,7 +70,7 @@ class OnlineCostModel:
         self.device = prior.device
         self._verify_cells: dict = {}      # (R, context index) -> {B key: _Cell}, one slice per (R, c)
         self._draft_cells: dict = {}       # R -> _Cell
-        self.verify_params = np.array([0.0, 1.0, 0.0])      # a, s, h
+        self.verify_params = np.array([0.0, 1.0, 0.0, 0.0])  # a, s, h, j
         self.draft_params = np.array([0.0, 1.0])            # a', s'
         self.version = 0
         self.observations = self.rejected = 0
@@ -73,18 +78,20 @@ class OnlineCostModel:
 
     # ------------------------------------------------------------------ learning
     def observe(self, requests: int, verify_tokens: int, context_len: int, verify_s: float,
-                draft_s: Optional[float] = None) -> None:
+                draft_s: Optional[float] = None, draft_requests: Optional[int] = None) -> None:
         """One finished round: R requests, B verify tokens, its context, the seconds its verify
-        part took (everything but the draft) and, when it drafted, the draft's seconds."""
+        part took (everything but the draft) and, when it drafted, the draft's seconds and how
+        many requests drafted (default R; fewer in a probe)."""
         token_key, index = self.token_key(verify_tokens), self.context_index(context_len)
         cells = self._verify_cells.setdefault((requests, index), {})
         if token_key not in cells:
             cells[token_key] = _Cell(self.window, self._prior_verify(requests, token_key, index))
         self.rejected += not cells[token_key].add(verify_s, self.outlier_factor)
         if draft_s is not None:
-            if requests not in self._draft_cells:
-                self._draft_cells[requests] = _Cell(self.window, self.prior.draft_time(requests))
-            self.rejected += not self._draft_cells[requests].add(draft_s, self.outlier_factor)
+            drafting = draft_requests or requests
+            if drafting not in self._draft_cells:
+                self._draft_cells[drafting] = _Cell(self.window, self.prior.draft_time(drafting))
+            self.rejected += not self._draft_cells[drafting].add(draft_s, self.outlier_factor)
         self.observations += 1
         # Every `refit_every` rounds while learning, then 4x less often: each refit makes the
         # planner rebuild its tables, and a settled model needs no more than that.
@@ -94,10 +101,10 @@ class OnlineCostModel:
 
     def refit(self) -> None:
         """Refit both corrections to the current cell medians; tables built before are stale."""
-        verify = [((r, _), cell) for (r, _), cells in self._verify_cells.items() for cell in cells.values()]
+        verify = [((r, c), b, cell) for (r, c), cells in self._verify_cells.items() for b, cell in cells.items()]
         if verify:
-            features = np.array([[1.0, cell.prior, r] for (r, _), cell in verify])
-            self.verify_params = _ridge_fit(features, [cell for _, cell in verify], np.array([0.0, 1.0, 0.0]),
+            features = np.array([[1.0, cell.prior, r, float(b > r)] for (r, _), b, cell in verify])
+            self.verify_params = _ridge_fit(features, [cell for _, _, cell in verify], np.array([0.0, 1.0, 0.0, 0.0]),
                                             self.ridge)
         if self._draft_cells:
             features = np.array([[1.0, cell.prior] for cell in self._draft_cells.values()])
@@ -105,6 +112,12 @@ class OnlineCostModel:
                                            self.ridge)
         self.version += 1
         self._tables.clear()
+
+    def observed(self, requests: int, verify_tokens: int, context_len: int) -> int:
+        """How many kept times the cell of this round size holds (0: its time is extrapolated)."""
+        cells = self._verify_cells.get((requests, self.context_index(context_len)), {})
+        cell = cells.get(self.token_key(verify_tokens))
+        return len(cell.times) if cell is not None else 0
 
     # ------------------------------------------------------------------ lookups (CostModel's interface)
     def token_key(self, tokens: int) -> int:
@@ -124,8 +137,9 @@ class OnlineCostModel:
         index = self.context_index(context_len)
         context = self.context_lens[index]
         prior = self.prior.verify_times(keys, context, requests)
-        a, s, h = self.verify_params
-        times = a + s * prior + h * requests + self._verify_residual(requests, index, keys, context)
+        a, s, h, j = self.verify_params
+        times = a + s * prior + h * requests + j * (keys > requests) + \
+            self._verify_residual(requests, index, keys, context)
         times = np.maximum(times, 1e-7)
         if np.all(np.diff(tokens) >= 0) and np.any(np.diff(times) < 0):
             times = np.asarray(_isotonic(times))
@@ -160,17 +174,18 @@ class OnlineCostModel:
                       draft_requests: Optional[Sequence[int]] = None) -> CostModel:
         """What was learned, as a CostModel table (the format `dspark calibrate` writes): per
         context bucket and verify-token count, the correction plus the cells' residuals averaged
-        over request counts; the per-request term becomes `request_seconds`."""
+        over request counts; the per-request term becomes `request_seconds`, and the jump of a
+        round that verifies drafts (j), paid exactly when a round drafts, joins the draft's time."""
         grid = sorted(verify_tokens or self.prior.verify_tokens)
         requests = sorted(draft_requests or self.prior.draft_requests)
-        a, s, h = self.verify_params
+        a, s, h, j = self.verify_params
         rows = []
         for index, context in enumerate(self.context_lens):
             base = a + s * self.prior.verify_times(np.array(grid), context, 0)
             rows.append(np.maximum(base + self._mean_residual(index, context, grid), 1e-7).tolist())
         return CostModel(device=self.device, source="measured", verify_tokens=grid, context_lens=list(self.context_lens),
                          verify_seconds=rows, draft_requests=requests,
-                         draft_seconds=[self.draft_time(r) for r in requests],
+                         draft_seconds=[self.draft_time(r) + max(j, 0.0) for r in requests],
                          graph_buckets=list(self.token_buckets or self.prior.graph_buckets),
                          max_query_tokens_per_request=self.max_query_tokens_per_request,
                          request_seconds=float(s * self.prior.request_seconds + h),
@@ -188,10 +203,10 @@ class OnlineCostModel:
     def _prior_verify(self, requests: int, token_key: int, context_index: int) -> float:
         return float(self.prior.verify_times(np.array([token_key]), self.context_lens[context_index], requests)[0])
 
-    def _residual(self, requests: int, cell: "_Cell") -> float:
+    def _residual(self, requests: int, token_key: int, cell: "_Cell") -> float:
         """How far a cell's median sits above the fitted correction, shrunk by its weight."""
-        a, s, h = self.verify_params
-        return cell.weight * (cell.median - (a + s * cell.prior + h * requests))
+        a, s, h, j = self.verify_params
+        return cell.weight * (cell.median - (a + s * cell.prior + h * requests + j * (token_key > requests)))
 
     def _verify_residual(self, requests: int, context_index: int, keys: np.ndarray, context: int) -> np.ndarray:
         """The cells' residual over the fitted correction, along B, from the observed request
@@ -204,7 +219,7 @@ class OnlineCostModel:
             return np.zeros(len(keys))
         cells = sorted(self._verify_cells[(nearest, context_index)].items())
         xs = np.array([b for b, _ in cells], dtype=np.float64)
-        residual = np.array([self._residual(nearest, cell) for _, cell in cells])
+        residual = np.array([self._residual(nearest, b, cell) for b, cell in cells])
         return np.interp(keys.astype(np.float64), xs, residual)
 
     def _mean_residual(self, context_index: int, context: int, grid: Sequence[int]) -> np.ndarray:
@@ -212,7 +227,7 @@ class OnlineCostModel:
         for (r, c), cells in self._verify_cells.items():
             if c == context_index:
                 for b, cell in cells.items():
-                    points.setdefault(b, []).append(self._residual(r, cell))
+                    points.setdefault(b, []).append(self._residual(r, b, cell))
         if not points:
             return np.zeros(len(grid))
         xs = sorted(points)
@@ -262,18 +277,20 @@ class _Cell:
 def _ridge_fit(features: np.ndarray, cells: list, prior_mean: np.ndarray, ridge: float) -> np.ndarray:
     """Parameters theta minimising the cells' squared *relative* errors (theta . x / median - 1)^2,
     weighted by n / (n + 1), plus ridge * ||(theta - prior_mean) / scale||^2. The scale puts the
-    parameters in comparable units (seconds for the offset, 1 for the scale, seconds per request
-    for the per-request term), so the ridge is one number."""
+    parameters in comparable units (seconds for the offset and the jump, 1 for the scale, seconds
+    per request for the per-request term), so the ridge is one number."""
     medians = np.array([max(cell.median, 1e-9) for cell in cells])
     weights = np.array([cell.weight for cell in cells])
     typical = statistics.median(medians.tolist())
     scale = np.array([typical, 1.0] + ([typical / max(float(features[:, 2].max()), 1.0)]
-                                        if features.shape[1] == 3 else []))
+                                        if features.shape[1] >= 3 else []) + ([typical] if features.shape[1] == 4 else []))
     design = features * scale / medians[:, None]                  # rows in relative error, scaled params
     gram = design.T @ (weights[:, None] * design) + ridge * np.eye(len(scale))
     rhs = design.T @ weights + ridge * prior_mean / scale
     theta = np.linalg.solve(gram, rhs) * scale
     theta[1] = max(theta[1], 1e-3)          # the prior's shape is kept: a bigger step never costs less
+    if len(theta) == 4:
+        theta[3] = max(theta[3], 0.0)       # nor does verifying drafts cost less than a plain step
     return theta
 
 
