@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from dspark.scheduling.calibration import (OnlineCalibration, StsTemperatures, auroc, brier, calibration_report, cumulative_survival,
-                                expected_calibration_error, fit_sts, survival_labels)
+from dspark.scheduling.calibration import (OnlineCalibration, StsTemperatures, auroc, brier, calibration_report,
+                                           cumulative_survival, expected_calibration_error, fit_sts, survival_labels)
 
 
 def test_metrics_hand_computed():

@@ -158,7 +158,7 @@ class StsTemperatures:
     """The STS temperatures an engine applies to its draft's confidence logits: one set fitted on
     sampled rounds and one on greedy rounds (acceptance under greedy verification is a different
     event; without a greedy set, greedy rows use the sampled one). c_k = sigmoid(z_k / T_k).
-    The engine owns this state (online STS updates it); the draft's config only seeds it."""
+    The engine owns this state; the draft's config only seeds it (OnlineCalibration maps its output further)."""
 
     def __init__(self, gamma: int, sampled: Optional[Sequence[float]] = None,
                  greedy: Optional[Sequence[float]] = None):

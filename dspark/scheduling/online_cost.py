@@ -282,8 +282,9 @@ def _ridge_fit(features: np.ndarray, cells: list, prior_mean: np.ndarray, ridge:
     medians = np.array([max(cell.median, 1e-9) for cell in cells])
     weights = np.array([cell.weight for cell in cells])
     typical = statistics.median(medians.tolist())
-    scale = np.array([typical, 1.0] + ([typical / max(float(features[:, 2].max()), 1.0)]
-                                        if features.shape[1] >= 3 else []) + ([typical] if features.shape[1] == 4 else []))
+    per_request = [typical / max(float(features[:, 2].max()), 1.0)] if features.shape[1] >= 3 else []
+    jump = [typical] if features.shape[1] == 4 else []
+    scale = np.array([typical, 1.0] + per_request + jump)
     design = features * scale / medians[:, None]                  # rows in relative error, scaled params
     gram = design.T @ (weights[:, None] * design) + ridge * np.eye(len(scale))
     rhs = design.T @ weights + ridge * prior_mean / scale

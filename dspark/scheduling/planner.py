@@ -27,8 +27,8 @@ round after `probe_every` skipped rounds, then after twice as many, up to `max_p
 another power-of-two bucket) or a round where drafting pays again resets the interval, and the
 first probe after a load change comes within two rounds. In a probe only R / 4 requests draft
 (those with the oldest history) and it verifies at most R / 4 drafted tokens (its best budget,
-capped): enough to refresh the confidence history and to time the draft and a bigger verify, so a wrong "no speculation" is corrected by measurement, and cheap when
-no speculation is right. The mirror case: with a learning cost model, a round at a load and
+capped): enough to refresh the confidence history and to time the draft and a bigger verify, so
+a wrong "no speculation" is corrected by measurement, and cheap when no speculation is right. The mirror case: with a learning cost model, a round at a load and
 context whose plain step was never timed decodes plainly (twice), so drafting is never chosen
 against an extrapolated plain cost.
 
