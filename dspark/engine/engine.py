@@ -143,6 +143,7 @@ class Engine:
         # The draft's context from rounds that did not draft, appended in one call when it is next
         # needed (see _append_draft_context).
         self._pending_context: list = []
+        self._pending_rows = 0
         # One record per round of the current (or last) busy period: requests, verify tokens, host
         # syncs, timings, and (with a confidence head) the raw confidence logits, verify lengths and
         # accepted counts.
@@ -496,11 +497,6 @@ class Engine:
 
         drafts, verify_lens, num_verify, proposal = self._draft_and_schedule(
             requests, anchors, uniforms[:, :gamma], starts, slots, caps, sampling, hints, record, timer)
-        # No request verifies more drafts than the whole round does: cut the block there (host-known),
-        # so the target's per-request logits, their sampling distributions and the acceptance test
-        # are as wide as the round, not the block (a probe of 2 drafts paid for 7 vocabulary rows).
-        width = min(drafts[0].shape[1], num_verify)
-        drafts = (drafts[0][:, :width], drafts[1][:, :width])
         query_lens = verify_lens + 1
         logits, hidden, batch = self.verify_step.run(torch.cat([anchors.unsqueeze(1), drafts[0]], dim=1), query_lens,
                                                      starts, slots, len(requests) + num_verify)
@@ -549,12 +545,15 @@ class Engine:
         verify_lens, num_verify = self.planner.verify_lengths(self.backend, plan, confidence, caps, max(starts))
         if num_verify is None:                      # threshold / causal: the one extra device -> host copy
             num_verify = int(self.backend.to_host(verify_lens)[0].sum())
-        drafts = (proposal.tokens, proposal.probs)
+        # No request verifies more drafts than the whole round does: cut the block there (host-known),
+        # so the target's per-request logits, their sampling distributions and the acceptance test
+        # are as wide as the round, not the block (a probe of 2 drafts paid for 7 vocabulary rows).
+        width = min(proposal.tokens.shape[1], num_verify)
+        drafts = (proposal.tokens[:, :width], proposal.probs[:, :width])
         if rows is not None:                        # back to every request: the others verify nothing
-            width = min(drafts[0].shape[1], num_verify)
             tokens = drafts[0].new_zeros(num, width)
             probs = drafts[1].new_zeros(num, width, drafts[1].shape[-1])
-            tokens[index], probs[index] = drafts[0][:, :width], drafts[1][:, :width]
+            tokens[index], probs[index] = drafts
             lens = verify_lens.new_zeros(num)
             lens[index] = verify_lens
             drafts, verify_lens = (tokens, probs), lens
@@ -573,13 +572,14 @@ class Engine:
         per round (2 % of a plain round at 8 requests on the CPU). The draft's cache ends up the
         same; `_prefill` flushes first, so rows of a freed slot land before its next prompt."""
         self._pending_context.append((slots, positions, hidden, token_ids))
-        if not deferred or sum(len(p[0]) for p in self._pending_context) >= self.PENDING_CONTEXT_LIMIT:
+        self._pending_rows += len(slots)
+        if not deferred or self._pending_rows >= self.PENDING_CONTEXT_LIMIT:
             self._flush_draft_context()
 
     def _flush_draft_context(self) -> None:
         if self._pending_context:
             parts = [torch.cat(column) for column in zip(*self._pending_context)]
-            self._pending_context = []
+            self._pending_context, self._pending_rows = [], 0
             self.draft.append_context(self.draft_cache, *parts)
 
     def _confidences(self, proposal, sampling, hints):

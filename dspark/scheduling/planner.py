@@ -28,9 +28,10 @@ another power-of-two bucket) or a round where drafting pays again resets the int
 first probe after a load change comes within two rounds. In a probe only R / 4 requests draft
 (those with the oldest history) and it verifies at most R / 4 drafted tokens (its best budget,
 capped): enough to refresh the confidence history and to time the draft and a bigger verify, so
-a wrong "no speculation" is corrected by measurement, and cheap when no speculation is right. The mirror case: with a learning cost model, a round at a load and
-context whose plain step was never timed decodes plainly (twice), so drafting is never chosen
-against an extrapolated plain cost.
+a wrong "no speculation" is corrected by measurement, and cheap when no speculation is right.
+The mirror case: with a learning cost model, a round at a load and context whose plain step was
+never timed decodes plainly (twice), so drafting is never chosen against an extrapolated plain
+cost.
 
 What the budget is planned from: a request's confidences `lag` drafted rounds back, shrunk
 towards the running mean by the slope a block's confidences have on that history (learned
@@ -148,6 +149,7 @@ class RoundPlanner:
 
     DRAFT_MARGIN = 0.05
     SHRINK_DECAY = 0.95                # per recorded round: the slope follows the last ~20 rounds
+    PLAIN_SAMPLES = 2                  # plain rounds timed at a load and context before drafting there
 
     def __init__(self, mode: str, cost, gamma: int, device, lag: int = 2, probe_every: int = 16,
                  max_probe_every: int = 128, verify_len: Optional[int] = None, threshold: float = 0.5,
@@ -227,8 +229,6 @@ class RoundPlanner:
         size = max(1, num // 4)
         rows = sorted(sorted(range(num), key=lambda i: self._seen.get(keys[i], -1))[:size]) if size < num else None
         return RoundPlan(draft=True, budget=min(best, size), probe=True, rows=rows)
-
-    PLAIN_SAMPLES = 2
 
     def _plain_unmeasured(self, num_requests: int, context_len: int) -> bool:
         """Whether a learning cost model has yet to time a plain round at this load and context:
