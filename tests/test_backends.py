@@ -85,3 +85,27 @@ def test_each_backend_carries_its_device_specs_and_takes_its_limits_from_them():
         for name in cls.device_specs:
             assert DEVICE_SPECS[name].max_query_tokens_per_request == cls.max_query_tokens_per_request
     assert BACKENDS["cpu"]().device_prior() in BACKENDS["cpu"].device_specs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_inference_linear_matches_f_linear_on_both_sides_of_its_kernel_switch(bias):
+    """The CPU backend runs frozen linears through MKL below ONEDNN_MIN_ROWS rows and through
+    oneDNN's packed weight from there: both must give F.linear's result, in float64 terms."""
+    from dspark.backends.cpu import ONEDNN_MIN_ROWS
+    from dspark.models.layers import Linear, prepare_for_inference
+
+    gen = torch.Generator().manual_seed(7)
+    layer = Linear(96, 80, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(80, 96, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(80, generator=gen))
+    prepare_for_inference(layer, get_backend("cpu"))
+    assert layer.kernel is not None or not torch.backends.mkldnn.is_available()
+    for rows in range(1, ONEDNN_MIN_ROWS + 3):
+        x = torch.randn(rows, 96, generator=gen)
+        with torch.no_grad():
+            out = layer(x)
+        expected = torch.nn.functional.linear(x.double(), layer.weight.double(),
+                                              None if layer.bias is None else layer.bias.double())
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)

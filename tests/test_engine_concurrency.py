@@ -160,3 +160,17 @@ def test_abort_from_another_thread_drops_a_waiting_request_before_its_prefill(bi
     assert [r.prompt_ids for r in prefilled] == [[4, 5, 6]]
     out = engine.generate([[7, 8]], dspark.SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids) == 4 and engine.pending_requests() == 0
+
+
+def test_a_single_caller_runs_every_round_in_its_own_thread(bigram_qwen3):
+    """No engine thread: on the CPU a round in a second thread (a second OpenMP team) ran 1.7x
+    slower than in the thread that loaded the model, so a lone caller must do the work itself."""
+    target, draft = bigram_qwen3
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=2)
+    threads, prefill, round_ = [], engine._prefill, engine._round
+    engine._prefill = lambda requests: (threads.append(threading.get_ident()), prefill(requests))[1]
+    engine._round = lambda requests: (threads.append(threading.get_ident()), round_(requests))[1]
+    params = dspark.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine.generate([[1, 2, 3], [4, 5]], params)
+    list(engine.stream([[6, 7]], params))
+    assert len(threads) >= 4 and set(threads) == {threading.get_ident()}

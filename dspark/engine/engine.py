@@ -28,8 +28,13 @@ number of uniforms every round (2 * gamma + 1), so its output never depends on i
 
 Concurrency: one loop owns the caches. `generate` and `stream` may be called from any number
 of threads at once; each call submits its requests to a queue and reads its own events back,
-and the loop runs them all in the same continuous batch, in a thread of its own that lives
-while there is work (and so never outlives it at interpreter exit). A request's output is what it would be alone (greedy: token-identical;
+and all of them run in the same continuous batch. There is no engine thread: a caller waiting
+for its next event runs the next round itself when no other caller is running one, so a single
+caller does all its work in its own thread. (On the CPU that matters: every thread that runs
+torch ops keeps its own OpenMP team, and once more team threads exist than cores, OpenMP stops
+spinning between parallel regions; a round in a second thread then ran 1.7x slower than in the
+thread that loaded the model.) Streams advance while some caller waits. A request's output is
+what it would be alone (greedy: token-identical;
 seeded sampling under `fixed` / `threshold`: the same sample). A call that goes away (a stream
 that is closed, garbage-collected or whose consumer raised; a KeyboardInterrupt in generate)
 has its unfinished requests dropped at the next round boundary, freeing their slots.
@@ -148,12 +153,13 @@ class Engine:
         # syncs, timings, and (with a confidence head) the raw confidence logits, verify lengths and
         # accepted counts.
         self.round_log: list[dict] = []
-        # The loop's state, guarded by _lock: requests waiting for a slot, the active ones.
+        # The loop's state, guarded by _lock: requests waiting for a slot, the active ones, and
+        # which caller's thread is running a round (None: nobody).
         self._lock = threading.Condition()
         self._waiting: deque = deque()
         self._active: list = []
         self._free_slots = list(range(config.max_batch_size))
-        self._loop_thread: Optional[threading.Thread] = None
+        self._driver: Optional[int] = None
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -297,7 +303,7 @@ class Engine:
     def _submit(self, prompts, params) -> Call:
         """Validate and tokenize in the caller's thread (bad input raises here, nothing is queued),
         then hand the requests to the loop."""
-        call = Call()
+        call = Call(self._lock)
         prompts = self._prompt_list(prompts)
         params = self._params_list(params, len(prompts))
         for index, (prompt, p) in enumerate(zip(prompts, params)):
@@ -310,11 +316,6 @@ class Engine:
             if not self._waiting and all(r.finished for r in self._active):
                 self.round_log = []          # the engine was idle: a new busy period starts its own log
             self._waiting.extend(call.requests)
-            if self._loop_thread is None:
-                # Not a daemon: at interpreter exit the loop finishes its round (a daemon thread
-                # killed inside a torch kernel aborts the process) and then ends, having no work.
-                self._loop_thread = threading.Thread(target=self._loop, name="dspark-engine")
-                self._loop_thread.start()
             self._lock.notify_all()
         return call
 
@@ -366,7 +367,25 @@ class Engine:
         return ids
 
     def _next_event(self, call: Call) -> Event:
-        event = call.events.get()
+        """The call's next event. While it has none, run rounds in this thread if no other caller
+        is running one, else wait for an event or for that caller to finish its round."""
+        while True:
+            with self._lock:
+                while not call.events and self._driver is not None:
+                    self._lock.wait()
+                if call.events:
+                    event = call.events.popleft()
+                    break
+                if not (self._waiting or self._active):
+                    raise RuntimeError("dspark engine: a call is waiting for events but no request is queued "
+                                       "or running (an engine bug; please report it)")
+                self._driver = threading.get_ident()
+            try:
+                self._run_once()
+            finally:
+                with self._lock:
+                    self._driver = None
+                    self._lock.notify_all()
         if event is not ABORTED and event.error is not None:
             raise event.error
         return event
@@ -384,7 +403,7 @@ class Engine:
     def _abort(self, call: Call) -> None:
         """`Stream.abort`: close the call and wake its consumer, from any thread."""
         self._close(call)
-        call.events.put(ABORTED)
+        call.put(ABORTED, force=True)
 
     def _output(self, r: Request) -> GenerationOutput:
         text = r.text
@@ -394,26 +413,24 @@ class Engine:
                                 r.stats(self.gamma), r.error)
 
     # ----------------------------------------------------------------------------- the loop
-    def _loop(self) -> None:
-        """Admit waiting requests into free slots, run rounds, retire finished requests; exit
-        when there is no work left (a later call starts a new loop)."""
-        with torch.no_grad():
-            while True:
-                with self._lock:
-                    active = self._retire()
-                    admitted = self._admit()
-                    if not active and not admitted:
-                        self._loop_thread = None
-                        return
-                try:
-                    if admitted:
-                        self._prefill(admitted)
-                    running = [r for r in active + admitted if not r.finished]
-                    if running:
-                        self._round(running)
-                except BaseException as exc:        # a bug or an interrupt: fail the affected requests, keep serving
-                    log.exception("the engine loop failed; its requests are aborted")
-                    self._fail_all(active + admitted, exc)
+    def _run_once(self) -> None:
+        """One turn of the loop, in the thread of the caller running it: retire finished requests,
+        admit waiting ones into free slots (prefill), run one round for everything running."""
+        with self._lock:
+            active = self._retire()
+            admitted = self._admit()
+        try:
+            with torch.no_grad():
+                if admitted:
+                    self._prefill(admitted)
+                running = [r for r in active + admitted if not r.finished]
+                if running:
+                    self._round(running)
+        except BaseException as exc:        # a bug or an interrupt: fail the affected requests, keep serving
+            log.exception("an engine round failed; its requests are aborted")
+            self._fail_all(active + admitted, exc)
+            if not isinstance(exc, Exception):      # KeyboardInterrupt, SystemExit: the caller sees it too
+                raise
 
     def _retire(self) -> list:
         """Free the slots of finished and abandoned requests; return the ones still running."""

@@ -3,10 +3,12 @@
 A `Request` is owned by the engine loop from admission to retirement: its cache slot, how many
 of its tokens are in the target cache, its anchor (the last emitted token, not yet through the
 target), its output and per-round statistics. A `Call` is one `generate` / `stream` call: it
-submitted some requests and receives their events on a thread-safe queue, in the order the loop
-produced them. Nothing here runs a model.
+submitted some requests and receives their events, in the order the rounds produced them, on a
+queue guarded by the engine's lock (whose condition wakes the call's caller). Nothing here runs a
+model.
 """
-import queue
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,16 +27,21 @@ class Event:
 
 
 class Call:
-    """The requests of one generate / stream call and the queue their events arrive on."""
+    """The requests of one generate / stream call and the queue their events arrive on.
+    `condition` is the engine's: every put wakes the threads waiting on it."""
 
-    def __init__(self) -> None:
-        self.events: "queue.Queue[Event]" = queue.Queue()
+    def __init__(self, condition: threading.Condition) -> None:
+        self.condition = condition
+        self.events: deque = deque()
         self.requests: list = []
         self.closed = False                      # the caller went away: abort what is left
 
-    def put(self, event: Event) -> None:
-        if not self.closed:
-            self.events.put(event)
+    def put(self, event, force: bool = False) -> None:
+        """Queue an event (dropped once the call is closed, unless forced) and wake the waiters."""
+        with self.condition:
+            if force or not self.closed:
+                self.events.append(event)
+                self.condition.notify_all()
 
     @property
     def done(self) -> bool:
