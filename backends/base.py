@@ -106,6 +106,12 @@ class Backend:
         None when unknown. The engine checks its caches against it before allocating them."""
         return None
 
+    def release_host_threads(self) -> bool:
+        """Give back the host worker threads this thread keeps for torch ops (its OpenMP team), when
+        it is about to leave all torch work to another thread (a server's main thread, once the
+        model is loaded). Returns whether anything was released. Nothing to do by default."""
+        return False
+
     # --- kernels used by the models ---
     def inference_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         """A faster kernel for y = x @ weight.T + bias with frozen weights, or None (use F.linear).

@@ -57,6 +57,21 @@ def tune_host_allocator() -> bool:
         return False
 
 
+def _loaded_libgomp():
+    """The GNU OpenMP runtime torch runs on, if this process has it loaded (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and line.strip().endswith(".so.1")}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
 class CPUBackend(Backend):
     name = "cpu"
     device_type = "cpu"
@@ -76,6 +91,17 @@ class CPUBackend(Backend):
         except OSError:
             pass
         return None
+
+    def release_host_threads(self) -> bool:
+        """Free this thread's OpenMP team (OpenMP 5's omp_pause_resource_all, soft pause).
+
+        Each thread that runs torch ops keeps a team of worker threads. With two teams alive on
+        2 cores, libgomp has more team threads than cores and stops spinning between parallel
+        regions, and the thread doing the work ran SmolLM2's linears 1.7x slower (README, "Calling
+        one engine from many threads"). The team is rebuilt if this thread runs torch ops again."""
+        libgomp = _loaded_libgomp()
+        pause = getattr(libgomp, "omp_pause_resource_all", None) if libgomp is not None else None
+        return pause is not None and pause(1) == 0          # 1 = omp_pause_soft
 
     def inference_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or not _onednn_linear_works():

@@ -109,3 +109,22 @@ def test_cpu_inference_linear_matches_f_linear_on_both_sides_of_its_kernel_switc
         expected = torch.nn.functional.linear(x.double(), layer.weight.double(),
                                               None if layer.bias is None else layer.bias.double())
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_cpu_release_host_threads_ends_this_threads_openmp_workers():
+    """A server's main thread loads the model and then leaves the rounds to the engine's driver:
+    its OpenMP team must go, or libgomp stops spinning with more team threads than cores."""
+    import os
+    import time
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one intra-op thread: no OpenMP worker to release")
+    backend = get_backend("cpu")
+    torch.randn(256, 256) @ torch.randn(256, 256)           # this thread's team exists now
+    before = len(os.listdir("/proc/self/task"))
+    assert backend.release_host_threads() is True
+    deadline = time.monotonic() + 5
+    while len(os.listdir("/proc/self/task")) >= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) <= before - (torch.get_num_threads() - 1)

@@ -174,3 +174,33 @@ def test_a_single_caller_runs_every_round_in_its_own_thread(bigram_qwen3):
     engine.generate([[1, 2, 3], [4, 5]], params)
     list(engine.stream([[6, 7]], params))
     assert len(threads) >= 4 and set(threads) == {threading.get_ident()}
+
+
+def test_a_round_driver_runs_every_round_in_its_thread_until_stopped(bigram_qwen3):
+    """`start_driver` (what `dspark serve` uses): while it runs, callers from any thread only wait
+    and every round runs in the driver's thread, with the outputs of a run alone; once stopped,
+    callers run the rounds again."""
+    target, draft = bigram_qwen3
+    engine = dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=3)
+    params = dspark.SamplingParams(max_new_tokens=9, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    alone = [dspark.Engine.from_pretrained(target, draft=draft).generate([p], params)[0].token_ids for p in prompts]
+    threads, round_ = [], engine._round
+    engine._round = lambda requests: (threads.append(threading.current_thread().name), round_(requests))[1]
+    with engine.start_driver() as driver:
+        with pytest.raises(dspark.errors.ConfigError, match="already has a round driver"):
+            engine.start_driver()
+        box = {}
+        workers = [threading.Thread(target=lambda i=i: box.setdefault(i, engine.generate([prompts[i]], params)))
+                   for i in range(1, 3)]
+        for worker in workers:
+            worker.start()
+        box[0] = engine.generate([prompts[0]], params)
+        for worker in workers:
+            worker.join(timeout=120)
+    assert not driver.thread.is_alive()
+    assert [box[i][0].token_ids for i in range(3)] == alone
+    assert threads and set(threads) == {"dspark-engine"}
+    threads.clear()
+    assert engine.generate([prompts[0]], params)[0].token_ids == alone[0]
+    assert threads and set(threads) == {threading.current_thread().name}

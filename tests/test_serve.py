@@ -492,6 +492,28 @@ def _sse_texts(lines) -> tuple:
     return pieces, errors, False
 
 
+def test_the_server_runs_every_round_in_one_engine_thread(engine):
+    """Each HTTP request waits in a thread of its own; the rounds of all of them run in the one
+    thread the server starts (`Engine.start_driver`), which stops with the server."""
+    import threading
+
+    mine = _engine_like(engine, max_batch_size=4)
+    threads, round_ = set(), mine._round
+    mine._round = lambda requests: (threads.add(threading.current_thread().name), round_(requests))[1]
+    expected = [o.text for o in _greedy(engine, TEXT_PROMPTS[:4], 10)]
+
+    async def main(base_url):
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60) as client:
+            answers = await asyncio.gather(*[client.completions.create(model="dspark", prompt=p, max_tokens=10,
+                                                                       temperature=0) for p in TEXT_PROMPTS[:4]])
+            return [a.choices[0].text for a in answers]
+
+    with start_server(mine, config=ServeConfig(port=0, log_interval=0, access_log=False)) as server:
+        assert asyncio.run(main(server.base_url)) == expected
+    assert threads == {"dspark-engine"}
+    assert not any(t.name == "dspark-engine" and t.is_alive() for t in threading.enumerate())
+
+
 def test_start_server_helper_answers_429_with_retry_after_when_the_queue_is_full(engine):
     """In this process: one batch slot and no waiting room; a second request gets 429 with
     Retry-After; once the first client leaves, its place is free again."""

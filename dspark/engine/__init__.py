@@ -7,6 +7,6 @@ one loop that owns the caches), `request` (a request's state and its per-request
 Who may import it: the public API, the CLI, training (regeneration) and dspark.bench. It imports
 dspark.models, dspark.scheduling, dspark.backends, dspark.ops and dspark.errors.
 """
-from .engine import Engine, Stream
+from .engine import Engine, RoundDriver, Stream
 
-__all__ = ["Engine", "Stream"]
+__all__ = ["Engine", "RoundDriver", "Stream"]

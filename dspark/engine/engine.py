@@ -100,6 +100,34 @@ class Stream(Iterator[StreamEvent]):
         self._engine._abort(self._call)
 
 
+class RoundDriver:
+    """What `Engine.start_driver` returns: the thread that runs the engine's rounds.
+
+        driver = engine.start_driver()
+        ...                                  # generate / stream from any threads
+        driver.stop()                        # after the round in progress; callers drive again
+    """
+
+    def __init__(self, engine: "Engine"):
+        self._engine, self.stopping = engine, False
+        # Not a daemon (a daemon killed inside a torch kernel at interpreter exit aborts the
+        # process); it ends by itself once the main thread has finished.
+        self.thread = threading.Thread(target=engine._drive, args=(self,), name="dspark-engine")
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        with self._engine._lock:
+            self.stopping = True
+            self._engine._lock.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def __enter__(self) -> "RoundDriver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class Engine:
     def __init__(self, target, tokenizer, draft, backend: Backend, config: EngineConfig,
                  generation_defaults: Optional[dict] = None):
@@ -160,6 +188,7 @@ class Engine:
         self._active: list = []
         self._free_slots = list(range(config.max_batch_size))
         self._driver: Optional[int] = None
+        self._dedicated: Optional["RoundDriver"] = None     # while set, callers only wait (start_driver)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -299,6 +328,44 @@ class Engine:
         with self._lock:
             return len(self._waiting) + sum(not (r.finished or r.call.closed) for r in self._active)
 
+    def start_driver(self) -> "RoundDriver":
+        """Run every round from now on in one thread of the engine's own, until `stop()`.
+
+        By default a waiting caller runs the rounds. A server, whose requests each wait in a thread
+        of their own, wants one thread doing all the torch work instead (see the module docstring
+        for why the CPU cares); `dspark serve` starts one. Callers then only wait for events."""
+        with self._lock:
+            if self._dedicated is not None:
+                raise ConfigError("this engine already has a round driver; stop it first")
+            self._dedicated = driver = RoundDriver(self)
+            self._lock.notify_all()
+        driver.thread.start()
+        return driver
+
+    def _drive(self, driver: "RoundDriver") -> None:
+        """The driver thread: run rounds whenever there is work, until stopped or the interpreter exits."""
+        main = threading.main_thread()
+        try:
+            while True:
+                with self._lock:
+                    while not driver.stopping and main.is_alive() and (
+                            self._driver is not None or not (self._waiting or self._active)):
+                        self._lock.wait(timeout=0.5)      # also notices the interpreter shutting down
+                    if driver.stopping or not main.is_alive():
+                        return
+                    self._driver = threading.get_ident()
+                try:
+                    self._run_once()
+                finally:
+                    with self._lock:
+                        self._driver = None
+                        self._lock.notify_all()
+        finally:
+            with self._lock:
+                if self._dedicated is driver:
+                    self._dedicated = None                 # waiting callers drive again
+                self._lock.notify_all()
+
     # ----------------------------------------------------------------------------- requests
     def _submit(self, prompts, params) -> Call:
         """Validate and tokenize in the caller's thread (bad input raises here, nothing is queued),
@@ -371,7 +438,7 @@ class Engine:
         is running one, else wait for an event or for that caller to finish its round."""
         while True:
             with self._lock:
-                while not call.events and self._driver is not None:
+                while not call.events and (self._driver is not None or self._dedicated is not None):
                     self._lock.wait()
                 if call.events:
                     event = call.events.popleft()

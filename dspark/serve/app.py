@@ -5,7 +5,8 @@ One request's life:
     1. validate      the JSON body (`protocol.parse_request`) and the model name: 400
     2. admit         draining: 503; more requests in flight than max_batch_size + max_waiting: 429
     3. tokenize      in a worker thread (chat template for chats); longer than the context: 400
-    4. submit        an EngineStream joins the engine's continuous batch
+    4. submit        an EngineStream joins the engine's continuous batch, whose rounds one
+                     thread runs for the server's lifetime (`Engine.start_driver`)
     5. respond       the whole answer, or OpenAI chunks as server-sent events; a client that
                      disconnects has its request cancelled
     6. account       metrics per delivery and at the end; the request leaves the in-flight count
@@ -177,8 +178,14 @@ def create_app(engine, config: Optional[ServeConfig] = None, model_name: Optiona
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # One thread runs every round: each request waits in a thread of its own (bridge.py), and
+        # on the CPU a round is fastest when a single thread does all the torch work.
+        driver = engine.start_driver()
         task = asyncio.create_task(_log_periodically(state)) if config.log_interval > 0 else None
-        yield
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(driver.stop)
         if task is not None:
             task.cancel()
             line = state.metrics.log_line()

@@ -105,6 +105,7 @@ def serve(engine, config: Optional[ServeConfig] = None, model_name: Optional[str
     config = config or ServeConfig()
     sock = sock or listen(config.host, config.port)
     server = _uvicorn_server(engine, config, model_name)
+    engine.backend.release_host_threads()     # this thread loaded the model; the engine's driver runs it now
 
     async def run():
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -177,6 +178,7 @@ def start_server(engine_or_target, draft=None, *, host: str = "127.0.0.1", port:
         config = ServeConfig(host=host, port=port, log_interval=0, access_log=False)
     sock = listen(config.host, config.port)
     server = _uvicorn_server(engine, config, model_name)
+    engine.backend.release_host_threads()     # (rebuilt if this thread runs torch ops again)
     failure: list = []
 
     def run():
