@@ -223,6 +223,15 @@ def fit_sts(work: Path, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------- driver
+def record_command(build: dict, command: str) -> None:
+    """Every invocation that ran a stage of this build, in order: a resumed or partly redone build
+    has several, with different arguments (`command`, the last, kept for older readers)."""
+    commands = build.setdefault("commands", [build["command"]] if "command" in build else [])
+    if not commands or commands[-1] != command:
+        commands.append(command)
+    build["command"] = command
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "dspark" / "reference_models"))
@@ -267,8 +276,8 @@ def main() -> None:
         result = runners[stage]()
         result["seconds"] = round(time.perf_counter() - started, 1)
         build["stages"][stage] = result
-        build.update(torch=torch.__version__, python=sys.version.split()[0],
-                     command="python tools/build_smollm2.py " + " ".join(sys.argv[1:]))
+        build.update(torch=torch.__version__, python=sys.version.split()[0])
+        record_command(build, "python tools/build_smollm2.py " + " ".join(sys.argv[1:]))
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
         log(f"[{stage}] finished in {result['seconds']} s")
 
