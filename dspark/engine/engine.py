@@ -354,12 +354,7 @@ class Engine:
                     if driver.stopping or not main.is_alive():
                         return
                     self._driver = threading.get_ident()
-                try:
-                    self._run_once()
-                finally:
-                    with self._lock:
-                        self._driver = None
-                        self._lock.notify_all()
+                self._run_once()
         finally:
             with self._lock:
                 if self._dedicated is driver:
@@ -447,12 +442,7 @@ class Engine:
                     raise RuntimeError("dspark engine: a call is waiting for events but no request is queued "
                                        "or running (an engine bug; please report it)")
                 self._driver = threading.get_ident()
-            try:
-                self._run_once()
-            finally:
-                with self._lock:
-                    self._driver = None
-                    self._lock.notify_all()
+            self._run_once()
         if event is not ABORTED and event.error is not None:
             raise event.error
         return event
@@ -481,23 +471,29 @@ class Engine:
 
     # ----------------------------------------------------------------------------- the loop
     def _run_once(self) -> None:
-        """One turn of the loop, in the thread of the caller running it: retire finished requests,
-        admit waiting ones into free slots (prefill), run one round for everything running."""
-        with self._lock:
-            active = self._retire()
-            admitted = self._admit()
+        """One turn of the loop, in the thread that took the driver role (`_driver`, set under the
+        lock), which it hands back at the end: retire finished requests, admit waiting ones into
+        free slots (prefill), run one round for everything running."""
         try:
-            with torch.no_grad():
-                if admitted:
-                    self._prefill(admitted)
-                running = [r for r in active + admitted if not r.finished]
-                if running:
-                    self._round(running)
-        except BaseException as exc:        # a bug or an interrupt: fail the affected requests, keep serving
-            log.exception("an engine round failed; its requests are aborted")
-            self._fail_all(active + admitted, exc)
-            if not isinstance(exc, Exception):      # KeyboardInterrupt, SystemExit: the caller sees it too
-                raise
+            with self._lock:
+                active = self._retire()
+                admitted = self._admit()
+            try:
+                with torch.no_grad():
+                    if admitted:
+                        self._prefill(admitted)
+                    running = [r for r in active + admitted if not r.finished]
+                    if running:
+                        self._round(running)
+            except BaseException as exc:        # a bug or an interrupt: fail the affected requests, keep serving
+                log.exception("an engine round failed; its requests are aborted")
+                self._fail_all(active + admitted, exc)
+                if not isinstance(exc, Exception):      # KeyboardInterrupt, SystemExit: the caller sees it too
+                    raise
+        finally:
+            with self._lock:
+                self._driver = None
+                self._lock.notify_all()
 
     def _retire(self) -> list:
         """Free the slots of finished and abandoned requests; return the ones still running."""
