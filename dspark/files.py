@@ -148,4 +148,16 @@ def _check_writable(directory: Path, out: Path, flag: str) -> None:
     os.unlink(name)
 
 
-__all__ = ["atomic_output", "check_output", "write_bytes_atomic", "write_text_atomic"]
+# ----------------------------------------------------------------------------- resuming into an output
+def refuse_changed_settings(what: str, recorded: dict, current: dict, remedy: str, ignore: Iterable[str] = ()) -> None:
+    """A resumed output (a run directory, a regenerated-data file) continues only with the settings
+    it was started with: raise a ConfigError naming each setting that differs, then `remedy`.
+    `ignore`: settings that may change between a run and its resume without changing its result."""
+    ignored = set(ignore)
+    changes = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in current.items()
+               if key not in ignored and recorded.get(key) != value]
+    if changes:
+        raise ConfigError(f"{what} was made with other settings ({'; '.join(changes)}); {remedy}")
+
+
+__all__ = ["atomic_output", "check_output", "refuse_changed_settings", "write_bytes_atomic", "write_text_atomic"]

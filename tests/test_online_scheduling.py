@@ -544,5 +544,30 @@ def test_bench_concurrency_section_sets_online_frozen_and_calibrated_side_by_sid
     assert all(0 < share < 1 for share in row["scheduler_share"].values())
     assert CostModel.from_yaml(tmp_path / "calibrated.yaml").meta["estimator"] == "online"
     assert ledger.summary()["mismatches"] == 0
+    assert set(row["in_flight"]) == {label for label in row if isinstance(row[label], float)}
+    assert all(rate > 0 for rate in row["in_flight"].values())
     table = "\n".join(concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 4}}))
     assert "budget, calibrated" in table and "Scheduler share of round time" in table
+    assert "While all requests are in flight" in table and "The whole closed batch" in table
+
+
+def test_in_flight_rate_counts_only_the_rounds_that_carry_every_request():
+    """3 requests: two full rounds (0.1 s apart from 10.0 s to 10.3 s, 3 + 5 tokens), then the
+    ragged end (one request left), which is excluded."""
+    from dspark.bench.harness import in_flight_rate
+
+    log = [{"requests": 3, "round_s": 0.1, "ended": 10.1, "emitted": 3},
+           {"requests": 3, "round_s": 0.1, "ended": 10.3, "emitted": 5},     # 0.1 s of host time between rounds
+           {"requests": 1, "round_s": 0.05, "ended": 10.4, "emitted": 1}]
+    assert in_flight_rate(log, 3) == pytest.approx(8 / 0.3)
+    assert in_flight_rate(log[2:], 3) is None
+
+
+def test_round_log_counts_every_emitted_token_with_its_end_time():
+    """emitted (per round) adds up to every token but the prefill's first one; ended is monotone."""
+    engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir("dspark"),
+                                           backend="cpu", max_batch_size=2, max_model_len=96, schedule="fixed")
+    outputs = engine.generate([[5, 6, 7, 8], [20, 30, 40]], dspark.SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert sum(record["emitted"] for record in engine.round_log) == sum(len(o.token_ids) - 1 for o in outputs)
+    ends = [record["ended"] for record in engine.round_log]
+    assert ends == sorted(ends) and all(r["ended"] - r["round_s"] >= e for r, e in zip(engine.round_log[1:], ends))

@@ -145,15 +145,27 @@ def _modes(row: dict) -> list:
 def concurrency_table(results: dict) -> list:
     rows = results["concurrency"]
     modes = _modes(rows[0])
-    lines = [f"### Tokens/s vs concurrency (greedy, exactly {results['settings']['max_new_tokens']} new tokens per "
-             "request; threshold / causal / budget learn the device's costs online from the analytic prior, "
-             "\"frozen prior\" keeps the prior, \"calibrated\" a `dspark calibrate` profile)", "",
-             "| requests | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
+    steady = [{"concurrency": row["concurrency"], **row["in_flight"]} for row in rows if row.get("in_flight")]
+    tokens = results["settings"]["max_new_tokens"]
+    lines = [f"### Tokens/s vs concurrency (greedy, exactly {tokens} new tokens per request; threshold / causal / "
+             "budget learn the device's costs online from the analytic prior, \"frozen prior\" keeps the prior, "
+             "\"calibrated\" a `dspark calibrate` profile)", ""]
+    if len(steady) == len(rows):
+        lines += ["While all requests are in flight (from the first round to the last one that carries every "
+                  "request: what a server that refills freed slots sees):", ""]
+        lines += _rate_table(steady, modes) + [""] + _concurrency_goals(steady, modes) + [""]
+        lines += ["The whole closed batch (prefill, and the ragged end where speculation has finished the luckiest "
+                  "requests first and the last rounds carry fewer requests):", ""]
+    lines += _rate_table(rows, modes) + [""] + _concurrency_goals(rows, modes) + _scheduler_share_table(rows)
+    return lines
+
+
+def _rate_table(rows: list, modes: list) -> list:
+    lines = ["| requests | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
     for row in rows:
         best = max(modes, key=row.get)
         lines.append(f"| {row['concurrency']} | " + " | ".join(
             (f"**{row[m]:.0f}**" if m == best else f"{row[m]:.0f}") for m in modes) + " |")
-    lines += [""] + _concurrency_goals(rows, modes) + _scheduler_share_table(rows)
     return lines
 
 
@@ -270,13 +282,15 @@ def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
         plt.close(fig)
     if "concurrency" in results:
         rows = results["concurrency"]
+        steady = all(r.get("in_flight") for r in rows)
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for mode in _modes(rows[0]):
-            ax.plot([r["concurrency"] for r in rows], [r[mode] for r in rows], marker="o", label=mode,
+            rates = [r["in_flight"][mode] if steady else r[mode] for r in rows]
+            ax.plot([r["concurrency"] for r in rows], rates, marker="o", label=mode,
                     linestyle="-" if mode in ("budget", "causal", "threshold", "no speculation") else ":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
-        ax.set_ylabel("tokens/s")
+        ax.set_ylabel("tokens/s, all requests in flight" if steady else "tokens/s")
         ax.legend(fontsize=8)
         fig.tight_layout()
         files["concurrency"] = f"{prefix}_concurrency.png"

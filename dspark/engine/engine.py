@@ -585,8 +585,9 @@ class Engine:
         result = self.backend.verify(drafts[0], drafts[1], target_probs, verify_lens,
                                      uniforms[:, gamma:gamma + width], uniforms[:, 2 * gamma])
         deliveries = self._commit(requests, result, verify_lens, logits, hidden, batch, proposal, record)
+        ended = time.perf_counter()
         record.update(verify_tokens=len(requests) + num_verify, host_syncs=self.backend.host_syncs - syncs_before,
-                      round_s=time.perf_counter() - started)
+                      round_s=ended - started, ended=ended, emitted=sum(len(tokens) for _, tokens in deliveries))
         self._learn_costs(record, timer, max(starts))
         self.round_log.append(record)          # before any caller can see this round's tokens
         for r, tokens in deliveries:

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..files import check_output
+from ..errors import DataError
+from ..files import check_output, refuse_changed_settings
 from ..prompts import prompt_ids
 
 
@@ -62,10 +62,8 @@ def _read_regenerated(path: Path, settings: dict) -> set:
         raise DataError(f"{path} exists and is not a file written by `dspark regenerate`; "
                         "choose another --out (nothing was written)")
     recorded = header.get("settings", {})
-    differing = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in settings.items() if recorded.get(k) != v]
-    if differing:
-        raise ConfigError(f"{path} holds responses generated with other settings ({'; '.join(differing)}); "
-                          "use another --out to keep both, or delete the file to start over")
+    refuse_changed_settings(f"{path}", recorded, settings,
+                            "use another --out to keep both, or delete the file to start over")
     keys = set()
     for number, line in numbered[1:]:
         record = _json_or_none(line)

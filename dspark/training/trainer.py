@@ -26,7 +26,7 @@ import yaml
 from ..errors import ConfigError, DataError
 from ..yaml_config import read_config_yaml
 from ..models import load_draft, load_target, save_draft
-from ..files import check_output, write_text_atomic
+from ..files import check_output, refuse_changed_settings, write_text_atomic
 from ..models.checkpoint import model_dir, read_config, target_config
 from ..models.drafts.base import draft_algorithm
 from ..models.drafts.config import DraftConfig, default_draft_sizes, draft_config_for_target
@@ -315,11 +315,9 @@ class Trainer:
         else:
             return
         current = json.loads(json.dumps(asdict(self.cfg)))
-        differing = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items()
-                     if k not in self.RESUME_FREE and previous.get(k) != v]
-        if differing:
-            raise ConfigError(f"{self.out} holds a run with other settings ({'; '.join(differing)}); resume it with "
-                              "the same settings, start over with --fresh, or choose another --out")
+        refuse_changed_settings(f"the run in {self.out}", previous, current,
+                                "resume it with the same settings, start over with --fresh, or choose another --out",
+                                ignore=self.RESUME_FREE)
 
     def _record_settings(self) -> None:
         """The run's settings, in its directory before anything else is written there."""
