@@ -3,7 +3,8 @@
 The concurrency section of `dspark bench` times each configuration once per repeat, one after
 another; on 2 cores, plain decoding alone moves by several percent between runs. This tool
 alternates the configurations `--repeats` times in one process and prints every run's tokens/s,
-the median, the median time of the rounds that did not draft, and how many rounds drafted.
+the median, the rate while all requests were in flight (the bench's primary measure), the median
+time of the rounds that did not draft, and how many rounds drafted.
 
     python tools/ab_schedule.py --requests 64 --repeats 2 --modes none,budget
     python tools/ab_schedule.py --requests 4 --max-new-tokens 512 --modes none,budget
@@ -38,7 +39,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; valid: {', '.join(MODES)}")
 
-    from dspark.bench.harness import Models, _greedy, find_eval_dir, load_prompt_sets
+    from dspark.bench.harness import Models, _greedy, find_eval_dir, in_flight_rate, load_prompt_sets
 
     models = Models.load("smollm2", {"dspark": "smollm2-dspark"})
     sets = load_prompt_sets(find_eval_dir(), limit=16)
@@ -56,7 +57,9 @@ def main() -> None:
             rates[label].append(sum(len(o.token_ids) for o in outputs) / seconds)
             rounds = [r for r in engine.round_log if "round_s" in r]
             plain = [r["round_s"] for r in rounds if not r.get("drafted")]
-            print(f"{label:8s} {rates[label][-1]:7.1f} tokens/s  rounds {len(rounds)}, drafted "
+            print(f"{label:8s} {rates[label][-1]:7.1f} tokens/s  "
+                  f"(all in flight: {in_flight_rate(engine.round_log, args.requests) or float('nan'):.1f})  "
+                  f"rounds {len(rounds)}, drafted "
                   f"{sum(1 for r in rounds if r.get('drafted'))} (probes {sum(1 for r in rounds if r.get('probe'))}), "
                   f"plain round median {statistics.median(plain) * 1e3 if plain else float('nan'):.1f} ms", flush=True)
             del engine

@@ -119,7 +119,8 @@ def add_commands(commands, formatter, para) -> None:
         "bench", formatter_class=formatter, help="acceptance, speed and concurrency benchmarks with lossless checks",
         description=para("Measure tau per dataset for every draft at T=0 and T=1 (block 7, per-position acceptance, "
                          "confidence calibration before/after STS), tokens/s at batch 1 against transformers "
-                         "generate() and assisted generation, and tokens/s vs concurrency for each scheduler mode. "
+                         "generate() and assisted generation, and tokens/s vs concurrency for each scheduler mode (while all "
+                         "requests are in flight, and over the whole batch). "
                          "Every greedy speculative output is compared with plain decoding; a mismatch fails the run. "
                          "Defaults to the built-in reference models and the prompt sets in ../shared/data/eval "
                          "($DSPARK_EVAL_DATA)."),
