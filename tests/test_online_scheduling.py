@@ -78,35 +78,6 @@ def test_online_model_corrects_a_prior_whose_step_overhead_is_2x_off(factor):
     assert model.version > 0 and model.observations == 120
 
 
-def test_online_model_prices_verify_widths_it_never_ran_from_the_cost_per_drafted_token():
-    """A device whose verify grows with every drafted token (SmolLM2 on this CPU: linears 22 ms at
-    1 row, 44 ms at 8) under a prior that is flat in the verify width (memory-bound). After drafted
-    rounds at 2 requests and plain rounds at 1, a drafted round at 1 request of a width never run
-    there is priced from the learned per-token cost, not like the widest one run at that load."""
-    flat = CostModel(device="cpu", source="analytic", verify_tokens=[1, 64], context_lens=[CONTEXT],
-                     verify_seconds=[[0.040, 0.040]], draft_requests=[1, 8], draft_seconds=[0.005, 0.005])
-    true_verify = lambda r, b: 0.036 + 0.004 * r + 0.003 * (b > r) + 0.005 * max(b - r, 0)  # noqa: E731
-    model = OnlineCostModel(flat)
-    rng = np.random.default_rng(4)
-    for _ in range(60):
-        tokens = 2 + int(rng.integers(0, 15))                  # 2 requests, 0-14 drafted tokens verified
-        model.observe(2, tokens, CONTEXT, true_verify(2, tokens) * float(np.exp(rng.normal(0, 0.03))), 0.01)
-        model.observe(1, 1, CONTEXT, true_verify(1, 1) * float(np.exp(rng.normal(0, 0.03))), None)
-    model.observe(1, 2, CONTEXT, true_verify(1, 2), 0.01)     # one probe at 1 request, one drafted token
-    model.refit()
-    for tokens in (4, 6, 8):                                   # never run at 1 request
-        assert model.verify_time(tokens, CONTEXT, 1) == pytest.approx(true_verify(1, tokens), rel=0.12), tokens
-    assert model.verify_params[4] > 0.002          # a slope per drafted token (the jump takes part of it)
-    # Exported in the calibrate format (where the jump travels with the draft's time), whole
-    # rounds keep the same law at both loads: plain ones, and drafted ones with their draft.
-    exported = model.to_cost_model(verify_tokens=list(range(1, 17)))
-    for r, tokens in ((1, 1), (2, 2)):
-        assert exported.verify_time(tokens, CONTEXT, r) == pytest.approx(true_verify(r, tokens), rel=0.05), (r, tokens)
-    for r, tokens in ((1, 6), (2, 12)):
-        assert exported.verify_time(tokens, CONTEXT, r) + exported.draft_time(r) == \
-            pytest.approx(true_verify(r, tokens) + 0.01, rel=0.1), (r, tokens)
-
-
 def test_online_model_follows_a_device_that_changes_within_a_window():
     truth, slower = cpu_truth(), scaled_overhead(cpu_truth(), 1.5)
     model = OnlineCostModel(truth, window=15)
@@ -461,12 +432,10 @@ def test_simulator_corrects_accelerator_priors_online(device):
         by = {(r.mode, r.concurrency): r for r in rows}
         for concurrency in (1, 64):
             online = by[("budget, online", concurrency)]
-            # Over every size R .. 8R, also those the scheduler never runs: with the jump and
-            # per-drafted-token terms of rounds that verify drafts (which this simulated device
-            # lacks), the worst case, the 8B model's bandwidth 2x off at 64 requests, is 8.1 % off
-            # (7.4 % with the jump alone), most of it at R+1 .. 2R; its throughput is 0.985 of
-            # scheduling by the true costs.
-            assert online.model_error < 0.09, (model, fact, factor, concurrency)
+            # Over every size R .. 8R, also those the scheduler never runs: with the jump term of
+            # rounds that verify drafts (which this simulated device lacks), the worst case, the 8B
+            # model's bandwidth 2x off at 64 requests, is 7.4 % off, most of it at R+1 .. 2R.
+            assert online.model_error < 0.08, (model, fact, factor, concurrency)
             best = by[("budget, true costs", concurrency)].throughput_tokens_per_s
             assert online.throughput_tokens_per_s >= 0.97 * best
         if fact == "memory_bandwidth":          # here the frozen prior really costs throughput

@@ -14,18 +14,13 @@ Two layers, each robust on its own:
                  three rejected times in a row that agree restart the cell (a real change of
                  speed, or a cell whose first times were spikes, is never locked out)
     correction   an affine map of the prior fitted to the cell medians by ridge regression in
-                 relative error:  verify = a + s * prior(R, B, c) + h * R + j * [B > R] + k * (B - R),
+                 relative error:  verify = a + s * prior(R, B, c) + h * R + j * [B > R],
                                   draft  = a' + s' * prior_draft(R)
                  j is what the verify side of a round that verifies drafts costs beyond a plain
                  step (sampling and acceptance over R x (l + 1) vocabulary rows, not R): a jump at
                  B = R + 1 no affine map of the prior has. Without it, the plain cell (few times:
                  the planner drafts where drafting pays) was priced from the drafted ones, 20 %
-                 too dear on SmolLM2 at 2 requests, and drafting looked cheaper than it was.
-                 k is what each verified draft token adds: the CPU prior is memory-bound and flat
-                 in B up to about 12 tokens, where SmolLM2's linears take 22 ms for 1 row and
-                 44 ms for 8; without k, a verify width never run at a load was priced like the
-                 widest one run there (one request left of two drafted 11 rounds at R = 1, 70-80 ms
-                 each against 40 ms for a plain round, accepting 2 tokens in all)
+                 too dear on SmolLM2 at 2 requests, and drafting looked cheaper than it was
                  it carries what a few cells say to the cells never run (a prior whose step
                  overhead is 2x off is exactly an error in a); the ridge pulls (a, s, h) towards
                  (0, 1, 0) where the cells cannot tell the parameters apart
@@ -75,7 +70,7 @@ class OnlineCostModel:
         self.device = prior.device
         self._verify_cells: dict = {}      # (R, context index) -> {B key: _Cell}, one slice per (R, c)
         self._draft_cells: dict = {}       # R -> _Cell
-        self.verify_params = np.array([0.0, 1.0, 0.0, 0.0, 0.0])  # a, s, h, j, k
+        self.verify_params = np.array([0.0, 1.0, 0.0, 0.0])  # a, s, h, j
         self.draft_params = np.array([0.0, 1.0])            # a', s'
         self.version = 0
         self.observations = self.rejected = 0
@@ -108,9 +103,9 @@ class OnlineCostModel:
         """Refit both corrections to the current cell medians; tables built before are stale."""
         verify = [((r, c), b, cell) for (r, c), cells in self._verify_cells.items() for b, cell in cells.items()]
         if verify:
-            features = np.array([[1.0, cell.prior, r, float(b > r), max(b - r, 0)] for (r, _), b, cell in verify])
-            self.verify_params = _ridge_fit(features, [cell for _, _, cell in verify],
-                                            np.array([0.0, 1.0, 0.0, 0.0, 0.0]), self.ridge)
+            features = np.array([[1.0, cell.prior, r, float(b > r)] for (r, _), b, cell in verify])
+            self.verify_params = _ridge_fit(features, [cell for _, _, cell in verify], np.array([0.0, 1.0, 0.0, 0.0]),
+                                            self.ridge)
         if self._draft_cells:
             features = np.array([[1.0, cell.prior] for cell in self._draft_cells.values()])
             self.draft_params = _ridge_fit(features, list(self._draft_cells.values()), np.array([0.0, 1.0]),
@@ -142,8 +137,8 @@ class OnlineCostModel:
         index = self.context_index(context_len)
         context = self.context_lens[index]
         prior = self.prior.verify_times(keys, context, requests)
-        a, s, h, j, k = self.verify_params
-        times = a + s * prior + h * requests + j * (keys > requests) + k * np.maximum(keys - requests, 0) + \
+        a, s, h, j = self.verify_params
+        times = a + s * prior + h * requests + j * (keys > requests) + \
             self._verify_residual(requests, index, keys, context)
         times = np.maximum(times, 1e-7)
         if np.all(np.diff(tokens) >= 0) and np.any(np.diff(times) < 0):
@@ -180,22 +175,20 @@ class OnlineCostModel:
         """What was learned, as a CostModel table (the format `dspark calibrate` writes): per
         context bucket and verify-token count, the correction plus the cells' residuals averaged
         over request counts; the per-request term becomes `request_seconds`, and the jump of a
-        round that verifies drafts (j), paid exactly when a round drafts, joins the draft's time.
-        The per-drafted-token term k * (B - R) is exact in that format too: k * B joins each
-        verify row and -k joins `request_seconds`."""
+        round that verifies drafts (j), paid exactly when a round drafts, joins the draft's time."""
         grid = sorted(verify_tokens or self.prior.verify_tokens)
         requests = sorted(draft_requests or self.prior.draft_requests)
-        a, s, h, j, k = self.verify_params
+        a, s, h, j = self.verify_params
         rows = []
         for index, context in enumerate(self.context_lens):
-            base = a + s * self.prior.verify_times(np.array(grid), context, 0) + k * np.array(grid, dtype=np.float64)
+            base = a + s * self.prior.verify_times(np.array(grid), context, 0)
             rows.append(np.maximum(base + self._mean_residual(index, context, grid), 1e-7).tolist())
         return CostModel(device=self.device, source="measured", verify_tokens=grid, context_lens=list(self.context_lens),
                          verify_seconds=rows, draft_requests=requests,
                          draft_seconds=[self.draft_time(r) + max(j, 0.0) for r in requests],
                          graph_buckets=list(self.token_buckets or self.prior.graph_buckets),
                          max_query_tokens_per_request=self.max_query_tokens_per_request,
-                         request_seconds=float(s * self.prior.request_seconds + h - k),
+                         request_seconds=float(s * self.prior.request_seconds + h),
                          meta={"estimator": "online", "prior_source": self.prior.source,
                                "observations": self.observations, "rejected": self.rejected,
                                "verify_cells": sum(len(cells) for cells in self._verify_cells.values()),
@@ -212,9 +205,8 @@ class OnlineCostModel:
 
     def _residual(self, requests: int, token_key: int, cell: "_Cell") -> float:
         """How far a cell's median sits above the fitted correction, shrunk by its weight."""
-        a, s, h, j, k = self.verify_params
-        return cell.weight * (cell.median - (a + s * cell.prior + h * requests + j * (token_key > requests)
-                                             + k * max(token_key - requests, 0)))
+        a, s, h, j = self.verify_params
+        return cell.weight * (cell.median - (a + s * cell.prior + h * requests + j * (token_key > requests)))
 
     def _verify_residual(self, requests: int, context_index: int, keys: np.ndarray, context: int) -> np.ndarray:
         """The cells' residual over the fitted correction, along B, from the observed request
@@ -286,23 +278,20 @@ def _ridge_fit(features: np.ndarray, cells: list, prior_mean: np.ndarray, ridge:
     """Parameters theta minimising the cells' squared *relative* errors (theta . x / median - 1)^2,
     weighted by n / (n + 1), plus ridge * ||(theta - prior_mean) / scale||^2. The scale puts the
     parameters in comparable units (seconds for the offset and the jump, 1 for the scale, seconds
-    per request or per drafted token for the per-request and per-token terms), so the ridge is one
-    number. Columns: offset, prior, then (verify only) requests, the jump, drafted tokens."""
+    per request for the per-request term), so the ridge is one number."""
     medians = np.array([max(cell.median, 1e-9) for cell in cells])
     weights = np.array([cell.weight for cell in cells])
     typical = statistics.median(medians.tolist())
-    columns = features.shape[1]
-    per_request = [typical / max(float(features[:, 2].max()), 1.0)] if columns >= 3 else []
-    jump = [typical] if columns >= 4 else []
-    per_token = [typical / max(float(features[:, 4].max()), 1.0)] if columns >= 5 else []
-    scale = np.array([typical, 1.0] + per_request + jump + per_token)
+    per_request = [typical / max(float(features[:, 2].max()), 1.0)] if features.shape[1] >= 3 else []
+    jump = [typical] if features.shape[1] == 4 else []
+    scale = np.array([typical, 1.0] + per_request + jump)
     design = features * scale / medians[:, None]                  # rows in relative error, scaled params
     gram = design.T @ (weights[:, None] * design) + ridge * np.eye(len(scale))
     rhs = design.T @ weights + ridge * prior_mean / scale
     theta = np.linalg.solve(gram, rhs) * scale
     theta[1] = max(theta[1], 1e-3)          # the prior's shape is kept: a bigger step never costs less
-    if len(theta) >= 4:
-        theta[3:] = np.maximum(theta[3:], 0.0)  # nor does verifying drafts cost less than a plain step
+    if len(theta) == 4:
+        theta[3] = max(theta[3], 0.0)       # nor does verifying drafts cost less than a plain step
     return theta
 
 
