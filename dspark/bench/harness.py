@@ -476,8 +476,6 @@ def in_flight_rate(round_log: list, concurrency: int) -> Optional[float]:
     means there; the closed batch's wall-clock rate is reported beside it."""
     full = []
     for record in round_log:
-        if "ended" not in record:
-            continue
         if record["requests"] != concurrency:
             break
         full.append(record)

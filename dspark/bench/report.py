@@ -145,12 +145,12 @@ def _modes(row: dict) -> list:
 def concurrency_table(results: dict) -> list:
     rows = results["concurrency"]
     modes = _modes(rows[0])
-    steady = [{"concurrency": row["concurrency"], **row["in_flight"]} for row in rows if row.get("in_flight")]
+    steady = _in_flight_rows(rows)
     tokens = results["settings"]["max_new_tokens"]
     lines = [f"### Tokens/s vs concurrency (greedy, exactly {tokens} new tokens per request; threshold / causal / "
              "budget learn the device's costs online from the analytic prior, \"frozen prior\" keeps the prior, "
              "\"calibrated\" a `dspark calibrate` profile)", ""]
-    if len(steady) == len(rows):
+    if steady:
         lines += ["While all requests are in flight (from the first round to the last one that carries every "
                   "request: what a server that refills freed slots sees):", ""]
         lines += _rate_table(steady, modes) + [""] + _concurrency_goals(steady, modes) + [""]
@@ -158,6 +158,14 @@ def concurrency_table(results: dict) -> list:
                   "requests first and the last rounds carry fewer requests):", ""]
     lines += _rate_table(rows, modes) + [""] + _concurrency_goals(rows, modes) + _scheduler_share_table(rows)
     return lines
+
+
+def _in_flight_rows(rows: list) -> Optional[list]:
+    """The rows' in-flight rates shaped like the rows themselves; None when any row lacks them
+    (results written before the bench measured them)."""
+    if not all(row.get("in_flight") for row in rows):
+        return None
+    return [{"concurrency": row["concurrency"], **row["in_flight"]} for row in rows]
 
 
 def _rate_table(rows: list, modes: list) -> list:
@@ -281,12 +289,11 @@ def plot(results: dict, out_dir: Path, prefix: str = "bench") -> dict:
         _save(fig, out_dir / files["speed"])
         plt.close(fig)
     if "concurrency" in results:
-        rows = results["concurrency"]
-        steady = all(r.get("in_flight") for r in rows)
+        steady = _in_flight_rows(results["concurrency"])
+        rows = steady or results["concurrency"]
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        for mode in _modes(rows[0]):
-            rates = [r["in_flight"][mode] if steady else r[mode] for r in rows]
-            ax.plot([r["concurrency"] for r in rows], rates, marker="o", label=mode,
+        for mode in _modes(results["concurrency"][0]):
+            ax.plot([r["concurrency"] for r in rows], [r[mode] for r in rows], marker="o", label=mode,
                     linestyle="-" if mode in ("budget", "causal", "threshold", "no speculation") else ":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")

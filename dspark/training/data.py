@@ -62,7 +62,7 @@ def _read_regenerated(path: Path, settings: dict) -> set:
         raise DataError(f"{path} exists and is not a file written by `dspark regenerate`; "
                         "choose another --out (nothing was written)")
     recorded = header.get("settings", {})
-    refuse_changed_settings(f"{path}", recorded, settings,
+    refuse_changed_settings(str(path), recorded, settings,
                             "use another --out to keep both, or delete the file to start over")
     keys = set()
     for number, line in numbered[1:]:
