@@ -563,6 +563,20 @@ def test_in_flight_rate_counts_only_the_rounds_that_carry_every_request():
     assert in_flight_rate(log[2:], 3) is None
 
 
+def test_machine_line_names_the_cpu_model_and_its_vector_extensions(tmp_path):
+    """Bench tables from different CPUs must be told apart: the model name and AVX2 / AVX-512 / AMX
+    come from cpuinfo (first processor), and a missing file gives None, not an error."""
+    from dspark.bench.harness import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)  Platinum 8480C\n"
+                    "flags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_model(str(info)) == "Intel(R) Xeon(R) Platinum 8480C, AVX2, AVX-512, AMX"
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n")
+    assert cpu_model(str(info)) == "AMD EPYC, AVX2"
+    assert cpu_model(str(tmp_path / "missing")) is None
+
+
 def test_round_log_counts_every_emitted_token_with_its_end_time():
     """emitted (per round) adds up to every token but the prefill's first one; ended is monotone."""
     engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir("dspark"),

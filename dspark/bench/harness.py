@@ -533,8 +533,31 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
 
 # ------------------------------------------------------------------------------------ the run
 def machine_description() -> str:
+    """Architecture, CPU model and vector extensions, cores, OS and torch: CPU speed-ups depend on the
+    CPU (a memory-bound core gains more from speculation than one with AMX), so tables name it."""
     cores = os.cpu_count()
-    return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()} (torch {torch.__version__})"
+    cpu = cpu_model()
+    arch = platform.machine() or platform.processor()
+    return f"{arch}{f' ({cpu})' if cpu else ''}, {cores} cores, {platform.system()} (torch {torch.__version__})"
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """'AMD EPYC, AVX2' or 'Intel(R) Xeon(R) ..., AVX-512, AMX' from Linux's cpuinfo; None elsewhere."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name")
+    if not name:
+        return None
+    flags = set(fields.get("flags", "").split())
+    isa = [label for label, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
+    return ", ".join([" ".join(name.split())] + isa)
 
 
 def git_commit() -> Optional[str]:
