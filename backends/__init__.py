@@ -8,8 +8,9 @@ runs as: roofline facts and limits, written once), the `cpu` reference backend, 
 ascend, then cuda, then cpu, detecting without initialising a device).
 
 Who may import it: `dspark.models`, the engine and everything above. It
-imports only `dspark.ops` and `dspark.errors`. Device packages (torch_npu, triton) are imported
-inside the backend that needs them, when it is constructed.
+imports only `dspark.ops`, `dspark.errors` and `dspark.files` (the cache directory). Device
+packages (torch_npu, triton) are imported inside the backend that needs them, when it is
+constructed.
 """
 import os
 from typing import Union

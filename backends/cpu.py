@@ -1,27 +1,45 @@
 """The CPU reference backend: eager PyTorch, float32, the reference ops unchanged.
 
 One kernel choice is the CPU's own: frozen linear layers (the target, and the draft at inference)
-run through oneDNN with weights packed once into its blocked layout when a step has 4 or more
-rows, and through MKL (F.linear on the plain weight) below that. Measured on 2 cores over all of
-SmolLM2-135M's linear layers (541 MB of float32 weights, so memory-bound), in ms per forward:
+run either through MKL (F.linear on the plain weight) or through oneDNN with the weight packed
+once into its blocked layout. Which is faster for a step of few rows depends on the CPU, so it is
+measured, not assumed. Over all of SmolLM2-135M's linear layers (425 MB of float32 weights
+without the embedding, so memory-bound), in ms per forward on 2 cores:
 
-    rows          1     2     3     4     8    16    32    64
-    F.linear   21.9  25.0  27.7  40.3  54.2  55.3  64.8 100.0
-    oneDNN     29.4  32.4  34.0  31.6  44.1  51.9  64.8  95.8
+    rows                                1     2     3     4     8    16    32    64
+    Intel (AVX-512, AMX)  F.linear   21.9  25.0  27.7  40.3  54.2  55.3  64.8 100.0
+                          oneDNN     29.4  32.4  34.0  31.6  44.1  51.9  64.8  95.8
+    AMD EPYC (AVX2)       F.linear   35.6  55.3  69.0  56.2  53.2  62.7 113.2 133.0
+                          oneDNN     30.5  28.8  29.3  32.3  40.4  51.4  77.2 125.3
 
-MKL's matrix-vector path wins for 1-3 rows; from 4 rows it switches to a gemm that re-reads the
-row-major weight in an unfriendly order, where the packed layout wins. Training never uses either.
+On the Intel CPU, MKL's matrix-vector path wins for 1-3 rows; on the AMD one oneDNN wins at
+every size, by 2x at 2-3 rows (the verify widths of a cautious schedule at batch 1). From 4 rows
+the packed layout won on both. So for 1-3 rows the backend times both kernels once per machine
+on a SmolLM2-shaped weight set larger than the CPU's caches (about half a second), keeps the
+faster per row count, and caches the choice under the dspark cache directory keyed by CPU model,
+torch version and thread count. `DSPARK_CPU_LINEAR=mkl|onednn` fixes the choice instead. Both
+kernels compute the same product (within float32 rounding). Training never uses either.
 """
 import ctypes
 import functools
+import json
+import logging
 import os
+import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..errors import ConfigError
+from ..files import cache_root, write_text_atomic
 from .base import Backend
 
-ONEDNN_MIN_ROWS = 4         # fewer rows: MKL's matrix-vector path on the plain weight is faster (module docstring)
+log = logging.getLogger(__name__)
+
+LINEAR_ENV = "DSPARK_CPU_LINEAR"        # auto (measure once per machine, the default) | mkl | onednn
+MEASURED_ROWS = (1, 2, 3)               # from 4 rows the packed layout won on every CPU measured (docstring)
+TUNING_FILE = "cpu_linear.json"
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +90,99 @@ def _loaded_libgomp():
     return None
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """'AMD EPYC, AVX2' or 'Intel(R) Xeon(R) ..., AVX-512, AMX' from Linux's cpuinfo; None elsewhere."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name")
+    if not name:
+        return None
+    flags = set(fields.get("flags", "").split())
+    isa = [label for label, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
+    return ", ".join([" ".join(name.split())] + isa)
+
+
+def time_linear_kernels(rows=MEASURED_ROWS, megabytes: float = 96.0, repeats: int = 3) -> dict:
+    """{rows: (F.linear ms, oneDNN ms)} per forward over a weight set shaped like SmolLM2's MLPs
+    (1536 x 576 and 576 x 1536, alternating) of about `megabytes`, more than a CPU's caches hold, so
+    the timing sees the memory-bound regime decoding runs in. Best of `repeats`, kernels interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    count = max(2, int(megabytes * 2 ** 20 / (1536 * 576 * 4)))
+    weights = [torch.empty(shape).uniform_(-0.05, 0.05, generator=gen)
+               for shape in ((1536, 576), (576, 1536)) * (count // 2)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    inputs = {n: {w.shape[1]: torch.empty(n, w.shape[1]).uniform_(-1, 1, generator=gen) for w in weights}
+              for n in rows}
+    kernels = {"mkl": lambda x, w, p: torch.nn.functional.linear(x, w),
+               "onednn": lambda x, w, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")}
+    best = {(n, name): float("inf") for n in rows for name in kernels}
+    with torch.no_grad():
+        for attempt in range(repeats + 1):           # the first pass warms both kernels up, untimed
+            for n in rows:
+                for name, kernel in kernels.items():
+                    started = time.perf_counter()
+                    for w, p in zip(weights, packed):
+                        kernel(inputs[n][w.shape[1]], w, p)
+                    elapsed = (time.perf_counter() - started) * 1e3
+                    if attempt:
+                        best[n, name] = min(best[n, name], elapsed)
+    return {n: (best[n, "mkl"], best[n, "onednn"]) for n in rows}
+
+
+def linear_choice() -> str:
+    """DSPARK_CPU_LINEAR: auto (the default), mkl or onednn; anything else is a ConfigError."""
+    choice = os.environ.get(LINEAR_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "mkl", "onednn"):
+        raise ConfigError(f"{LINEAR_ENV}={os.environ[LINEAR_ENV]!r} is not a CPU linear kernel choice; "
+                          f"use auto (measure once per machine), mkl or onednn")
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def mkl_rows() -> frozenset:
+    """The row counts whose frozen linears run through F.linear (MKL); every other count runs
+    through oneDNN's packed weight. From DSPARK_CPU_LINEAR, else from the per-machine cache, else
+    measured now (module docstring)."""
+    choice = linear_choice()
+    if choice == "mkl":
+        return frozenset(MEASURED_ROWS)
+    if choice == "onednn":
+        return frozenset()
+    key = f"{cpu_model() or 'unknown CPU'} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = cache_root() / TUNING_FILE
+    entries = _read_tuning(path)
+    cached = entries.get(key)
+    if isinstance(cached, dict) and isinstance(cached.get("mkl_rows"), list) \
+            and all(isinstance(n, int) for n in cached["mkl_rows"]):
+        return frozenset(cached["mkl_rows"])
+    log.info("timing the CPU's linear kernels for 1-3 rows once for this machine (cached in %s)", path)
+    times = time_linear_kernels()
+    chosen = sorted(n for n, (mkl, onednn) in times.items() if mkl < onednn)
+    entries[key] = {"mkl_rows": chosen, "ms": {str(n): [round(t, 2) for t in pair] for n, pair in times.items()}}
+    try:
+        write_text_atomic(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:                                  # a read-only cache: measure again next process
+        log.info("could not cache the CPU linear kernel choice in %s: %s", path, exc)
+    return frozenset(chosen)
+
+
+def _read_tuning(path: Path) -> dict:
+    """The cached kernel choices by machine key; {} when the file is missing or corrupt (then the
+    choice is measured again and the file rewritten)."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
 class CPUBackend(Backend):
     name = "cpu"
     device_type = "cpu"
@@ -79,6 +190,7 @@ class CPUBackend(Backend):
 
     def __init__(self, device_index: int = 0):
         super().__init__(device_index)
+        linear_choice()                  # a bad DSPARK_CPU_LINEAR fails here, not at the first model load
         tune_host_allocator()
 
     def memory_limit(self) -> Optional[int]:
@@ -109,9 +221,10 @@ class CPUBackend(Backend):
         weight = weight.detach()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         bias = None if bias is None else bias.detach()
+        plain_rows = mkl_rows()
 
         def linear(x: torch.Tensor) -> torch.Tensor:            # [M, in] -> [M, out]
-            if x.shape[0] < ONEDNN_MIN_ROWS:
+            if x.shape[0] in plain_rows:
                 return torch.nn.functional.linear(x, weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return linear

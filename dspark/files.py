@@ -26,6 +26,15 @@ PathLike = Union[str, os.PathLike]
 TEMP_PREFIX = ".dspark-"           # temporary files start with this (a crash may leave one behind)
 
 
+def cache_root() -> Path:
+    """Where dspark keeps what it derives once per machine (converted models, kernel choices):
+    $DSPARK_CACHE, else $XDG_CACHE_HOME/dspark, else ~/.cache/dspark."""
+    if os.environ.get("DSPARK_CACHE"):
+        return Path(os.environ["DSPARK_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dspark"
+
+
 # ----------------------------------------------------------------------------- the atomic writer
 @contextlib.contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:

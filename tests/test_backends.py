@@ -1,4 +1,5 @@
 """Backend selection through DSPARK_BACKEND, detection without device initialisation, clear errors."""
+import json
 import subprocess
 import sys
 
@@ -88,27 +89,80 @@ def test_each_backend_carries_its_device_specs_and_takes_its_limits_from_them():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_inference_linear_matches_f_linear_on_both_sides_of_its_kernel_switch(bias):
-    """The CPU backend runs frozen linears through MKL below ONEDNN_MIN_ROWS rows and through
-    oneDNN's packed weight from there: both must give F.linear's result, in float64 terms."""
-    from dspark.backends.cpu import ONEDNN_MIN_ROWS
+@pytest.mark.parametrize("choice", ["mkl", "onednn", "auto"])
+def test_cpu_inference_linear_matches_f_linear_with_every_kernel_choice(bias, choice, monkeypatch):
+    """Frozen linears run through MKL or oneDNN's packed weight for 1-3 rows (as chosen) and
+    through oneDNN from 4 rows: every path must give F.linear's result, in float64 terms."""
+    from dspark.backends import cpu
     from dspark.models.layers import Linear, prepare_for_inference
 
-    gen = torch.Generator().manual_seed(7)
-    layer = Linear(96, 80, bias=bias)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(80, 96, generator=gen))
-        if bias:
-            layer.bias.copy_(torch.randn(80, generator=gen))
-    prepare_for_inference(layer, get_backend("cpu"))
-    assert layer.kernel is not None or not torch.backends.mkldnn.is_available()
-    for rows in range(1, ONEDNN_MIN_ROWS + 3):
-        x = torch.randn(rows, 96, generator=gen)
+    monkeypatch.setenv(cpu.LINEAR_ENV, choice)
+    cpu.mkl_rows.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(7)
+        layer = Linear(96, 80, bias=bias)
         with torch.no_grad():
-            out = layer(x)
-        expected = torch.nn.functional.linear(x.double(), layer.weight.double(),
-                                              None if layer.bias is None else layer.bias.double())
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+            layer.weight.copy_(torch.randn(80, 96, generator=gen))
+            if bias:
+                layer.bias.copy_(torch.randn(80, generator=gen))
+        prepare_for_inference(layer, get_backend("cpu"))
+        assert layer.kernel is not None or not torch.backends.mkldnn.is_available()
+        expected_rows = {"mkl": {1, 2, 3}, "onednn": set()}
+        assert cpu.mkl_rows() == expected_rows[choice] if choice in expected_rows else cpu.mkl_rows() <= {1, 2, 3}
+        for rows in range(1, 7):
+            x = torch.randn(rows, 96, generator=gen)
+            with torch.no_grad():
+                out = layer(x)
+            expected = torch.nn.functional.linear(x.double(), layer.weight.double(),
+                                                  None if layer.bias is None else layer.bias.double())
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    finally:
+        cpu.mkl_rows.cache_clear()
+
+
+def test_cpu_linear_choice_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
+    """auto: the first process on a machine times both kernels and caches the faster per row count
+    under the machine's key; later processes read it; a corrupt cache is measured and rewritten."""
+    from dspark.backends import cpu
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu.LINEAR_ENV, "auto")
+    timings = {1: (5.0, 7.0), 2: (9.0, 6.0), 3: (9.5, 6.5)}         # MKL faster at 1 row only
+    calls = []
+    monkeypatch.setattr(cpu, "time_linear_kernels", lambda: calls.append(1) or timings)
+    try:
+        cpu.mkl_rows.cache_clear()
+        assert cpu.mkl_rows() == {1} and len(calls) == 1
+        cached = json.loads((tmp_path / cpu.TUNING_FILE).read_text())
+        (entry,) = cached.values()
+        assert entry["mkl_rows"] == [1] and entry["ms"]["2"] == [9.0, 6.0]
+        cpu.mkl_rows.cache_clear()                                    # a new process: read, not measured
+        assert cpu.mkl_rows() == {1} and len(calls) == 1
+        (tmp_path / cpu.TUNING_FILE).write_text("{not json")
+        cpu.mkl_rows.cache_clear()
+        assert cpu.mkl_rows() == {1} and len(calls) == 2
+        assert json.loads((tmp_path / cpu.TUNING_FILE).read_text()) == cached
+    finally:
+        cpu.mkl_rows.cache_clear()
+
+
+def test_cpu_linear_kernel_timing_measures_both_kernels():
+    """The real timing run (small): positive times for both kernels at each requested row count."""
+    from dspark.backends.cpu import time_linear_kernels
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    times = time_linear_kernels(rows=(1, 2), megabytes=8, repeats=1)
+    assert set(times) == {1, 2} and all(t > 0 for pair in times.values() for t in pair)
+
+
+def test_unknown_cpu_linear_choice_is_a_clear_error(monkeypatch):
+    from dspark.backends import cpu
+    from dspark.errors import ConfigError
+
+    monkeypatch.setenv(cpu.LINEAR_ENV, "fastest")
+    with pytest.raises(ConfigError, match="DSPARK_CPU_LINEAR='fastest'.*auto.*mkl.*onednn"):
+        get_backend("cpu")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")

@@ -566,7 +566,7 @@ def test_in_flight_rate_counts_only_the_rounds_that_carry_every_request():
 def test_machine_line_names_the_cpu_model_and_its_vector_extensions(tmp_path):
     """Bench tables from different CPUs must be told apart: the model name and AVX2 / AVX-512 / AMX
     come from cpuinfo (first processor), and a missing file gives None, not an error."""
-    from dspark.bench.harness import cpu_model
+    from dspark.backends.cpu import cpu_model
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)  Platinum 8480C\n"

