@@ -307,6 +307,23 @@ def test_first_refits_verify_whole_blocks():
     assert not plan.full
 
 
+def test_warmup_at_high_load_drafts_whole_blocks_for_a_quarter_of_the_requests():
+    """At 64 requests the warm-up drafts 16 requests' whole blocks (a refit's worth of labels),
+    not 64 (five plain rounds each on SmolLM2); at 8 requests min_rows (16) keeps every request."""
+    gamma, cost = 4, CostModel(device="test", source="measured", verify_tokens=[1, 1024], context_lens=[0],
+                               verify_seconds=[[1.0, 8.0]], draft_requests=[1], draft_seconds=[0.1])
+    planner = RoundPlanner("budget", cost, gamma, "cpu", estimator=MarginEstimator(gamma, min_rows=16))
+    plan = planner.before_round(list(range(64)), [gamma] * 63 + [1], 0)
+    assert plan.full and plan.rows == list(range(16)) and plan.budget == 16 * gamma
+    lens, known = planner.verify_lengths(Backend(), plan, None, [gamma] * 16, 0)
+    assert lens.tolist() == [gamma] * 16 and known == 16 * gamma
+    planner.record(list(range(16)), torch.full((16, gamma), 0.5, dtype=torch.float64))
+    assert planner.before_round(list(range(64)), [gamma] * 64, 0).rows == list(range(16, 32))   # oldest next
+    small = RoundPlanner("budget", cost, gamma, "cpu", estimator=MarginEstimator(gamma, min_rows=16))
+    plan = small.before_round(list(range(8)), [gamma] * 8, 0)
+    assert plan.full and plan.rows is None and plan.budget == 8 * gamma
+
+
 def test_engine_warms_the_estimator_up_on_whole_blocks_then_schedules():
     target = reference_model_dir("target")
     engine = dspark.Engine.from_pretrained(target, draft=reference_model_dir("dflash"), backend="cpu",

@@ -19,7 +19,8 @@ The cost model may be learning (an OnlineCostModel): its `version` changes when 
 the cached SPS tables are rebuilt then. Its times come from finished rounds only. Confidences
 come from a DSpark draft's head or, for drafts without one, from a MarginEstimator; while that
 estimator is still warming up, drafted rounds verify whole blocks (`RoundPlan.full`), so its
-first fits learn from labels its own choices did not censor.
+first fits learn from labels its own choices did not censor; at high load only a quarter of the
+requests (at least a refit's worth of rows) draft those blocks.
 
 Never lock in: when history says drafting does not pay, the planner still drafts one probe
 round after `probe_every` skipped rounds, then after twice as many, up to `max_probe_every`
@@ -197,7 +198,12 @@ class RoundPlanner:
     def before_round(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         """Whether this round drafts, and its budget: from history only, before the draft runs."""
         if self.mode != "fixed" and self.estimator is not None and self.estimator.needs_full_blocks:
-            return RoundPlan(draft=True, budget=sum(max(cap, 0) for cap in caps), full=True)
+            # Whole blocks of a quarter of the requests (at least min_rows, a refit's worth): at 64
+            # requests on SmolLM2 two whole-block rounds of every request cost 5 plain rounds each,
+            # 7 % of a 128-token run; the estimator needs labels, not every request's.
+            rows = self._oldest_rows(keys, max(self.estimator.min_rows, len(keys) // 4))
+            budget = sum(max(caps[i], 0) for i in (rows if rows is not None else range(len(keys))))
+            return RoundPlan(draft=True, budget=budget, full=True, rows=rows)
         if not self.load_aware:
             return RoundPlan(draft=True)
         # A request's oldest kept confidences: `lag` drafted rounds back when it has them, else
@@ -227,8 +233,14 @@ class RoundPlanner:
         # Only R / 4 requests draft, those whose history is oldest: a probe's draft then costs a
         # quarter of a full one (at 32 requests on the CPU, probes were 2 % of the run).
         size = max(1, num // 4)
-        rows = sorted(sorted(range(num), key=lambda i: self._seen.get(keys[i], -1))[:size]) if size < num else None
-        return RoundPlan(draft=True, budget=min(best, size), probe=True, rows=rows)
+        return RoundPlan(draft=True, budget=min(best, size), probe=True, rows=self._oldest_rows(keys, size))
+
+    def _oldest_rows(self, keys: list, size: int) -> Optional[list]:
+        """The batch indices of the `size` requests whose history is oldest (never drafted first),
+        in batch order; None when that is every request."""
+        if size >= len(keys):
+            return None
+        return sorted(sorted(range(len(keys)), key=lambda i: self._seen.get(keys[i], -1))[:size])
 
     def _plain_unmeasured(self, num_requests: int, context_len: int) -> bool:
         """Whether a learning cost model has yet to time a plain round at this load and context:
