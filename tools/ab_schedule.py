@@ -24,6 +24,8 @@ MODES = {
     "offline": ("dspark", {"schedule": "budget", "calibration": "offline"}),
     "fixed3": ("dspark", {"schedule": "fixed", "verify_len": 3}),
     "fixed7": ("dspark", {"schedule": "fixed", "verify_len": 7}),
+    "dflash": ("dflash", {"schedule": "budget"}),            # the margin estimator (no confidence head)
+    "dflash-fixed3": ("dflash", {"schedule": "fixed", "verify_len": 3}),
 }
 
 
@@ -41,7 +43,8 @@ def main() -> None:
 
     from dspark.bench.harness import Models, _greedy, find_eval_dir, in_flight_rate, load_prompt_sets
 
-    models = Models.load("smollm2", {"dspark": "smollm2-dspark"})
+    drafts = {MODES[label][0] for label in labels} - {None}
+    models = Models.load("smollm2", {name: f"smollm2-{name}" for name in sorted(drafts)})
     sets = load_prompt_sets(find_eval_dir(), limit=16)
     pool = [models.encode(text) for group in zip(*sets.values()) for text in group]
     prompts = [pool[i % len(pool)] for i in range(args.requests)]
