@@ -19,7 +19,8 @@ from dspark.bench.simulator import (DEMO_ACCEPTANCE, DEMO_MODELS, DEMO_PRIORS, s
                                     simulate_online)
 from dspark.conformance.testing import make_agreeing_draft, make_target
 from dspark.models import reference_model_dir
-from dspark.scheduling.acceptance import MarginEstimator, acceptance_labels, heldout_report, top2_margin
+from dspark.scheduling.acceptance import (MAX_MARGIN, MarginEstimator, acceptance_labels, heldout_report,
+                                         logit_margin, top2_margin)
 from dspark.scheduling.cost_model import CostModel, ModelSpec, analytic_cost_model, device_spec
 from dspark.scheduling.online_cost import OnlineCostModel
 from dspark.errors import ConfigError
@@ -283,6 +284,32 @@ def test_top2_margin_reads_the_draft_distribution():
     margin = top2_margin(probs)
     assert margin.shape == (1, 2)
     assert abs(float(margin[0, 0]) - float(np.log(3.5))) < 1e-5 and float(margin[0, 1]) > 13
+
+
+def test_logit_margin_equals_the_softmax_margin_and_caps_a_lone_candidate():
+    """l(first) - l(second) is log p(first) - log p(second) at temperature 1 (float64 reference);
+    a row with one finite logit (a reduced vocabulary of one) gets the cap, not inf or nan."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 4, 50, generator=gen, dtype=torch.float64) * 3
+    reference = top2_margin(torch.softmax(logits, dim=-1))
+    torch.testing.assert_close(logit_margin(logits.float()), reference.float(), rtol=1e-4, atol=1e-4)
+    lone = torch.full((1, 1, 5), float("-inf"))
+    lone[0, 0, 2] = 1.0
+    assert float(logit_margin(lone)) == pytest.approx(MAX_MARGIN)
+
+
+def test_greedy_margins_come_from_the_draft_logits():
+    """At T = 0 the draft samples from one-hot distributions; the margin estimator must still see
+    the draft's certainty, read from its logits (for DFlash and EAGLE-3 alike), not one constant."""
+    for name in ("dflash", "eagle3"):
+        engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir(name),
+                                               backend="cpu", max_batch_size=2, max_model_len=160, schedule="budget")
+        seen, observe = [], engine.estimator.observe
+        engine.estimator.observe = lambda features, *rest: seen.append(np.array(features)) or observe(features, *rest)
+        engine.generate([[5, 6, 7, 8], [20, 30, 40]], dspark.SamplingParams(max_new_tokens=24, ignore_eos=True))
+        margins = torch.cat([torch.as_tensor(f).reshape(-1) for f in seen])
+        assert margins.numel() > 0 and float(margins.std()) > 0.1, name
+        assert float(margins.max()) <= MAX_MARGIN and float(margins.min()) >= 0.0
 
 
 def test_first_refits_verify_whole_blocks():

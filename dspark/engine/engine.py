@@ -58,7 +58,7 @@ from ..models.batch import StepBatch, consecutive_range
 from ..models.layers import prepare_for_inference
 from ..params import DTYPES, EngineConfig, GenerationOutput, SamplingParams, StreamEvent
 from ..prompts import chat_ids, check_messages, is_chat
-from ..scheduling.acceptance import MAX_MARGIN, MarginEstimator, top2_margin
+from ..scheduling.acceptance import MAX_MARGIN, MarginEstimator, logit_margin, top2_margin
 from ..scheduling.calibration import OnlineCalibration, StsTemperatures
 from ..scheduling.online_cost import OnlineCostModel
 from ..scheduling.planner import RoundPlanner, cost_model_for
@@ -671,7 +671,9 @@ class Engine:
                 return None, None
             calibrated = self.calibration or self.sts
             return calibrated.confidence(proposal.confidence_logits, sampling[0] == 0), None
-        if hints["all_greedy"]:                     # one-hot rows: every margin is the cap, skip the top-k
+        if proposal.logits is not None:             # the draft's own certainty, at every temperature
+            margin = logit_margin(proposal.logits)
+        elif hints["all_greedy"]:                   # one-hot rows: every margin is the cap, skip the top-k
             margin = torch.full(proposal.tokens.shape, MAX_MARGIN, device=self.backend.device)
         else:
             margin = top2_margin(proposal.probs)

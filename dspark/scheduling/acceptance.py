@@ -6,7 +6,8 @@ says how sure it was: the top-2 margin of the distribution it sampled draft k fr
 
     m_k = log p_k(first) - log p_k(second)        (the top-2 logit margin; large = peaked)
 
-read from the proposal's `probs` on the device (no draft changes). A per-position logistic
+read on the device from the draft's own untempered logits (`DraftProposal.logits`) where the
+draft exposes them, else from the proposal's `probs`. A per-position logistic
 model turns it into a confidence, c_k = sigmoid(w_k . f_k + b_k), with features f_k = [m_k]
 (or [m_k, z_k] with a confidence head's raw logit z_k: "both"). It is fitted online from
 verified rounds by Newton's method on the log loss over a sliding window of rows, each row a
@@ -17,9 +18,10 @@ Censoring: once the schedule uses the estimate, a position is only verified when
 rated it well, and the model would learn from a biased sample of its own choices. So the first
 `warmup_refits` fits see whole blocks verified (`needs_full_blocks`, which the planner obeys).
 
-Greedy rows sample from one-hot distributions (ops.sampling_probs), so their margin is the
-same large constant and the model reduces to a per-position acceptance rate, learned all the
-same.
+Greedy rows sample from one-hot distributions (ops.sampling_probs), so a margin read from
+`probs` is the same large constant for every greedy row and the model reduces to a per-position
+acceptance rate. The logits keep the draft's certainty at every temperature: on SmolLM2 at T = 0
+the probs margin ranked nothing (AUROC 0.50), so the engine reads the logits wherever it can.
 
 Lossless: the margin of p_k is a function of the distribution x_k is drawn from, so of
 x_0..x_{k-1} and never of x_k itself (what a confidence head reads too); the parameters change
@@ -42,6 +44,16 @@ def top2_margin(
     assert probs.dim() == 3, f"probs must be [R, gamma, V], got {tuple(probs.shape)}"
     top = probs.float().topk(2, dim=-1).values.clamp(min=MARGIN_EPS)
     return top[..., 0].log() - top[..., 1].log()
+
+
+def logit_margin(
+    logits: torch.Tensor,       # [R, gamma, V] the draft's untempered logits
+) -> torch.Tensor:              # [R, gamma] float32, in [0, MAX_MARGIN]
+    """The same margin from logits: l(first) - l(second), which is log p(first) - log p(second)
+    of the softmax at temperature 1; capped like `top2_margin` (a masked-out second is -inf)."""
+    assert logits.dim() == 3, f"logits must be [R, gamma, V], got {tuple(logits.shape)}"
+    top = logits.float().topk(2, dim=-1).values
+    return (top[..., 0] - top[..., 1]).nan_to_num(MAX_MARGIN, MAX_MARGIN).clamp(0.0, MAX_MARGIN)
 
 
 def acceptance_labels(verify_lens: np.ndarray, accepted: np.ndarray, gamma: int):
@@ -196,4 +208,4 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, bias: float
     return theta[:-1], float(theta[-1])
 
 
-__all__ = ["MAX_MARGIN", "MarginEstimator", "acceptance_labels", "heldout_report", "top2_margin"]
+__all__ = ["MAX_MARGIN", "MarginEstimator", "acceptance_labels", "heldout_report", "logit_margin", "top2_margin"]

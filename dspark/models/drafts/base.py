@@ -25,6 +25,10 @@ class DraftProposal:
     # [R, gamma] raw confidence logits z_k (None without a confidence head); the engine turns them
     # into c_k = sigmoid(z_k / T_k) with its current STS temperatures.
     confidence_logits: Optional[torch.Tensor] = None
+    # [R, gamma, V'] the draft's own untempered logits per position (V' its vocabulary, reduced or
+    # not), before any Markov bias; None if the draft does not expose them. The margin estimator
+    # reads their top-2 margin: greedy `probs` are one-hot and say nothing.
+    logits: Optional[torch.Tensor] = None
 
 
 @runtime_checkable

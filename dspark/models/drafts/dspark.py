@@ -197,7 +197,8 @@ class DSparkDraft(nn.Module):
                 return self.full_vocab(bias, 0.0), state
         tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
                                                 temperature, top_k, top_p, transition, **hints)
-        return DraftProposal(tokens=tokens, probs=probs, confidence_logits=self.confidence_logits(hidden, prev_ids))
+        return DraftProposal(tokens=tokens, probs=probs, confidence_logits=self.confidence_logits(hidden, prev_ids),
+                             logits=base_logits)
 
 
 def block_attention_mask(anchors: torch.Tensor, keep: torch.Tensor, length: int, block_len: int) -> torch.Tensor:

@@ -178,7 +178,9 @@ class Eagle3Draft(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., V] over the target vocabulary (-inf outside a reduced draft vocabulary)."""
-        logits = self.lm_head(self.norm(hidden))
+        return self._to_target_vocab(self.lm_head(self.norm(hidden)))
+
+    def _to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return DraftVocab.expand(self, logits, float("-inf")) if self.config.reduced_vocab else logits
 
     def forward(self, input_ids: torch.Tensor, prev_features: torch.Tensor) -> torch.Tensor:
@@ -254,16 +256,19 @@ class Eagle3Draft(nn.Module):
         max_len = cache.kv.max_len
         first_length = int(start_positions.max()) + 1        # keys 0..n of the longest request
         features = cache.features[slots, start_positions - 1].to(self.fc.weight.dtype)   # [R, d] g_{n-1}
-        token_ids, tokens, probs = anchor_ids, [], []
+        token_ids, tokens, probs, logits = anchor_ids, [], [], []
         for k in range(gamma):
             hidden = self._chain_step(token_ids, features, start_positions + k, slots, cache,
                                       min(first_length + k, max_len), backend, slot_range)       # [R, d]
-            step_probs = backend.sampling_probs(self.logits(hidden), temperature, top_k, top_p, **hints)  # [R, V]
+            logits.append(self.lm_head(self.norm(hidden)))                       # [R, V'] the draft's vocabulary
+            step_probs = backend.sampling_probs(self._to_target_vocab(logits[-1]), temperature, top_k, top_p,
+                                                **hints)                                       # [R, V]
             token_ids = backend.sample(step_probs, uniforms[:, k])                               # [R]
             tokens.append(token_ids)
             probs.append(step_probs)
             features = hidden
-        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=torch.stack(probs, dim=1))
+        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=torch.stack(probs, dim=1),
+                             logits=torch.stack(logits, dim=1))
 
 
 register_draft_algorithm(DraftAlgorithm(
