@@ -109,20 +109,24 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     return ", ".join([" ".join(name.split())] + isa)
 
 
-def time_linear_kernels(rows=MEASURED_ROWS, megabytes: float = 96.0, repeats: int = 3) -> dict:
-    """{rows: (F.linear ms, oneDNN ms)} per forward over a weight set shaped like SmolLM2's MLPs
-    (1536 x 576 and 576 x 1536, alternating) of about `megabytes`, more than a CPU's caches hold, so
-    the timing sees the memory-bound regime decoding runs in. Best of `repeats`, kernels interleaved."""
+def time_linear_kernels(rows=MEASURED_ROWS, megabytes: float = 96.0, repeats: int = 3, weights=None,
+                        statistic=min) -> dict:
+    """{rows: (F.linear ms, oneDNN ms)} per forward over a list of float32 weights: by default a set
+    shaped like SmolLM2's MLPs (1536 x 576 and 576 x 1536, alternating) of about `megabytes`, more
+    than a CPU's caches hold, so the timing sees the memory-bound regime decoding runs in.
+    `statistic` (default: the best) over `repeats` timed passes after one untimed warm-up pass,
+    kernels interleaved."""
     gen = torch.Generator().manual_seed(0)
-    count = max(2, int(megabytes * 2 ** 20 / (1536 * 576 * 4)))
-    weights = [torch.empty(shape).uniform_(-0.05, 0.05, generator=gen)
-               for shape in ((1536, 576), (576, 1536)) * (count // 2)]
+    if weights is None:
+        count = max(2, int(megabytes * 2 ** 20 / (1536 * 576 * 4)))
+        weights = [torch.empty(shape).uniform_(-0.05, 0.05, generator=gen)
+                   for shape in ((1536, 576), (576, 1536)) * (count // 2)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
-    inputs = {n: {w.shape[1]: torch.empty(n, w.shape[1]).uniform_(-1, 1, generator=gen) for w in weights}
-              for n in rows}
+    widths = sorted({w.shape[1] for w in weights})
+    inputs = {n: {k: torch.empty(n, k).uniform_(-1, 1, generator=gen) for k in widths} for n in rows}
     kernels = {"mkl": lambda x, w, p: torch.nn.functional.linear(x, w),
                "onednn": lambda x, w, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")}
-    best = {(n, name): float("inf") for n in rows for name in kernels}
+    times = {(n, name): [] for n in rows for name in kernels}
     with torch.no_grad():
         for attempt in range(repeats + 1):           # the first pass warms both kernels up, untimed
             for n in rows:
@@ -130,10 +134,9 @@ def time_linear_kernels(rows=MEASURED_ROWS, megabytes: float = 96.0, repeats: in
                     started = time.perf_counter()
                     for w, p in zip(weights, packed):
                         kernel(inputs[n][w.shape[1]], w, p)
-                    elapsed = (time.perf_counter() - started) * 1e3
                     if attempt:
-                        best[n, name] = min(best[n, name], elapsed)
-    return {n: (best[n, "mkl"], best[n, "onednn"]) for n in rows}
+                        times[n, name].append((time.perf_counter() - started) * 1e3)
+    return {n: (statistic(times[n, "mkl"]), statistic(times[n, "onednn"])) for n in rows}
 
 
 def linear_choice() -> str:

@@ -17,37 +17,24 @@ import time
 
 
 def kernel_table(rows=(1, 2, 3, 4, 8, 16, 32, 64), repeats: int = 5) -> None:
-    """ms per forward over every linear layer of SmolLM2 but the embedding, F.linear vs oneDNN."""
-    import torch
-
-    from dspark.models.sources import resolve_model
+    """ms per forward over every linear layer of SmolLM2 but the embedding, F.linear vs oneDNN
+    (median of `repeats`; the backend's own timing, on the real weights)."""
     from safetensors.torch import load_file
+
+    from dspark.backends.cpu import time_linear_kernels
+    from dspark.models.sources import resolve_model
 
     directory = resolve_model("smollm2-135m-instruct")
     tensors = {}
     for path in sorted(directory.glob("*.safetensors")):
         tensors.update(load_file(str(path)))
     weights = [t.float().contiguous() for name, t in tensors.items() if t.dim() == 2 and "embed" not in name]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
     print(f"{len(weights)} linear layers, {sum(w.numel() for w in weights) * 4 / 2 ** 20:.0f} MiB of float32")
     print("rows  F.linear ms  oneDNN ms")
-    with torch.no_grad():
-        for n in rows:
-            inputs = {w.shape[1]: torch.randn(n, w.shape[1]) for w in weights}
-            best = {}
-            for name in ("mkl", "onednn"):
-                times = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    for w, p in zip(weights, packed):
-                        x = inputs[w.shape[1]]
-                        if name == "mkl":
-                            torch.nn.functional.linear(x, w)
-                        else:
-                            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-                    times.append(time.perf_counter() - started)
-                best[name] = statistics.median(times) * 1e3
-            print(f"{n:4d}  {best['mkl']:11.1f}  {best['onednn']:9.1f}", flush=True)
+    for n in rows:
+        (mkl, onednn), = time_linear_kernels(rows=(n,), repeats=repeats, weights=weights,
+                                             statistic=statistics.median).values()
+        print(f"{n:4d}  {mkl:11.1f}  {onednn:9.1f}", flush=True)
 
 
 def engine_ab(repeats: int, max_new_tokens: int) -> None:

@@ -195,7 +195,8 @@ class DSparkDraft(nn.Module):
             def transition(k, prev_ids, state):          # biases over the full vocabulary
                 bias, state = step(k, prev_ids, state)
                 return self.full_vocab(bias, 0.0), state
-        tokens, probs, prev_ids = backend.draft(base_logits.float(), anchor_ids, uniforms,
+        base_logits = base_logits.float()
+        tokens, probs, prev_ids = backend.draft(base_logits, anchor_ids, uniforms,
                                                 temperature, top_k, top_p, transition, **hints)
         return DraftProposal(tokens=tokens, probs=probs, confidence_logits=self.confidence_logits(hidden, prev_ids),
                              logits=base_logits)
