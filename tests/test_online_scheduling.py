@@ -595,6 +595,19 @@ def test_bench_concurrency_section_sets_online_frozen_and_calibrated_side_by_sid
     assert "While all requests are in flight" in table and "The whole closed batch" in table
 
 
+def test_round_robin_rotates_so_every_configuration_runs_first_once():
+    """Over as many repeats as configurations, each one runs at every position exactly once (plain
+    decoding used to run first in every repeat, so drift within a repeat always hit the same ones)."""
+    from dspark.bench.harness import rotated
+
+    labels = ["no speculation", "fixed 3", "fixed 7", "budget"]
+    orders = [rotated(labels, repeat) for repeat in range(len(labels))]
+    assert all(sorted(order) == sorted(labels) for order in orders)
+    for position in range(len(labels)):
+        assert sorted(order[position] for order in orders) == sorted(labels)
+    assert rotated(labels, len(labels)) == labels and rotated([], 3) == []
+
+
 def test_in_flight_rate_counts_only_the_rounds_that_carry_every_request():
     """3 requests: two full rounds (0.1 s apart from 10.0 s to 10.3 s, 3 + 5 tokens), then the
     ragged end (one request left), which is excluded."""

@@ -117,10 +117,11 @@ def data_files(work: Path) -> list:
     return [str(work / "regenerated_t0.jsonl"), str(work / "regenerated_t1.jsonl")]
 
 
-def train_config(work: Path, algorithm: str, steps: int, out: Path):
+def train_config(work: Path, algorithm: str, steps: int, out: Path, init=None):
     from dspark.training import TrainConfig
 
     return TrainConfig(target=TARGET, data=data_files(work), out=str(out), algorithm=algorithm, steps=steps,
+                       init=str(init) if init else None,
                        draft_options=DRAFT_SETTINGS[algorithm]["draft_options"], global_batch=GLOBAL_BATCH,
                        micro_batch=MICRO_BATCH, lr=LR, num_anchors=512, anchor_density=ANCHOR_DENSITY, max_length=MAX_LENGTH, log_every=10,
                        checkpoint_every=25, seed=0, backend="cpu", features="cached",
@@ -138,8 +139,12 @@ def build_features(work: Path) -> dict:
     return {**meta, "bytes": size}
 
 
-def build_drafts(work: Path, budget_minutes: float, algorithms=None) -> dict:
-    """Time a few steps of each algorithm, then train it for as many steps as fit the budget."""
+def build_drafts(work: Path, budget_minutes: float, algorithms=None, warm_start=None) -> dict:
+    """Time a few steps of each algorithm, then train it for as many steps as fit the budget.
+
+    With `warm_start` (a directory holding smollm2-<algorithm>/, e.g. the shipped drafts), each
+    draft continues from that one instead of a fresh init: its total CPU budget is the earlier
+    build's (read from that directory's BUILD.json) plus this one, the same for every algorithm."""
     import shutil
 
     from dspark.training.trainer import Trainer
@@ -149,13 +154,14 @@ def build_drafts(work: Path, budget_minutes: float, algorithms=None) -> dict:
         if algorithms and algorithm not in algorithms:
             continue
         out = work / f"draft-{algorithm}"
+        init = Path(warm_start) / f"smollm2-{algorithm}" if warm_start else None
         plan_file = work / f"plan-{algorithm}.json"
         if plan_file.is_file():                 # a resumed build keeps the step count it chose
             plan = json.loads(plan_file.read_text())
         else:
             probe = work / f"probe-{algorithm}"
             shutil.rmtree(probe, ignore_errors=True)
-            trainer = Trainer(train_config(work, algorithm, 6, probe), progress=lambda m: None)
+            trainer = Trainer(train_config(work, algorithm, 6, probe, init), progress=lambda m: None)
             trainer.train_step()                 # warm-up
             # Process CPU time over both threads, halved: a fair per-step cost even when other
             # work shares the machine during the probe (wall time would charge it to this draft).
@@ -171,13 +177,30 @@ def build_drafts(work: Path, budget_minutes: float, algorithms=None) -> dict:
         log(f"[{algorithm}] {plan['steps']} steps at {plan['seconds_per_step']} s/step "
             f"(budget {budget_minutes} min)")
         started = time.perf_counter()
-        Trainer(train_config(work, algorithm, plan["steps"], out), progress=lambda m: log(f"[{algorithm}] {m}")).train()
+        Trainer(train_config(work, algorithm, plan["steps"], out, init), progress=lambda m: log(f"[{algorithm}] {m}")).train()
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         report[algorithm] = {**plan, "budget_minutes": budget_minutes, "seconds_this_run": round(time.perf_counter() - started),
                              "options": DRAFT_SETTINGS[algorithm]["draft_options"], "global_batch": GLOBAL_BATCH,
                              "lr": LR, "anchor_density": ANCHOR_DENSITY, "first_loss": metrics[0]["loss"],
                              "last_loss": metrics[-1]["loss"]}
+        if init:
+            report[algorithm]["warm_start"] = warm_start_record(Path(warm_start), algorithm)
+            report[algorithm]["total_budget_minutes"] = (report[algorithm]["warm_start"]["budget_minutes"]
+                                                         + budget_minutes)
     return report
+
+
+def warm_start_record(directory: Path, algorithm: str) -> dict:
+    """What the draft a warm-started build continued from had cost: its own BUILD.json entry."""
+    manifest = directory / "BUILD.json"
+    earlier = json.loads(manifest.read_text())["smollm2"] if manifest.is_file() else {}
+    stage = earlier.get("stages", {}).get("drafts", {}).get(algorithm, {})
+    if "budget_minutes" not in stage:
+        raise SystemExit(f"{manifest} records no CPU budget for the {algorithm} draft; cannot warm-start from "
+                         f"{directory} with an honest total budget")
+    return {"from": str(directory / f"smollm2-{algorithm}"),
+            "budget_minutes": stage.get("total_budget_minutes", stage["budget_minutes"]),
+            "data": {split: earlier["stages"]["regenerate"][split]["response_tokens"] for split in ("t0", "t1")}}
 
 
 def package_drafts(work: Path, out: Path) -> dict:
@@ -247,6 +270,9 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=45.0, help="CPU time per draft")
     parser.add_argument("--algorithms", type=lambda text: text.split(","), metavar="LIST",
                         help="with --only drafts: train only these, e.g. dspark,dflash")
+    parser.add_argument("--warm-start", metavar="DIR",
+                        help="continue each draft from DIR/smollm2-<algorithm> (e.g. the shipped drafts in "
+                             "dspark/reference_models) instead of a fresh init; BUILD.json records both budgets")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -261,7 +287,7 @@ def main() -> None:
         "regenerate": lambda: regenerate_responses(work, args.max_new_tokens, args.batch, args.sampled_prompts),
         "features": lambda: build_features(work),
         "drafts": lambda: {**build.get("stages", {}).get("drafts", {}),
-                           **build_drafts(work, args.budget_minutes, args.algorithms)},
+                           **build_drafts(work, args.budget_minutes, args.algorithms, args.warm_start)},
         "package": lambda: package_drafts(work, out),
         "sts": lambda: fit_sts(work, out),
     }

@@ -358,7 +358,7 @@ def run_speed(models: Models, sets: dict, settings: BenchSettings, ledger: Lossl
     seconds = {label: [] for label in runners}
     outputs = {}
     for repeat in range(settings.repeats):
-        for label, run in runners.items():
+        for label, run in rotated(list(runners.items()), repeat):
             run.rounds = run.round_tokens = 0
             started = time.perf_counter()
             outputs[label] = [run(p, n) for p in prompts]
@@ -486,6 +486,14 @@ def in_flight_rate(round_log: list, concurrency: int) -> Optional[float]:
     return sum(record["emitted"] for record in full) / max(seconds, 1e-12)
 
 
+def rotated(configurations: list, repeat: int) -> list:
+    """The round-robin order of repeat `repeat`: each repeat starts one configuration later, so
+    a machine that drifts within a repeat (turbo, a neighbour's load) does not always charge the
+    same configuration for being first or last."""
+    shift = repeat % max(1, len(configurations))
+    return configurations[shift:] + configurations[:shift]
+
+
 def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger: LosslessLedger,
                     progress: Callable = print) -> list:
     """Tokens/s per configuration of `concurrency_modes` at each concurrency, timed round-robin
@@ -503,8 +511,8 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
         config = dict(max_batch_size=concurrency, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
         seconds, outputs, shares = {label: [] for label, _, _ in modes}, {}, {}
         in_flight = {label: [] for label, _, _ in modes}
-        for _ in range(settings.repeats):
-            for label, draft, options in modes:
+        for repeat in range(settings.repeats):
+            for label, draft, options in rotated(modes, repeat):
                 engine = models.engine(draft, **config, **options)
                 started = time.perf_counter()
                 outputs[label] = [o.token_ids for o in engine.generate(prompts, _greedy(n, concurrency, ignore_eos=True))]
