@@ -170,8 +170,10 @@ def _play(mode, cost, true_cost, requests, gamma, confidences, outcomes, context
             drafting = len(rows)
             lens[rows], _ = planner.verify_lengths(backend, plan, confidence[rows], [caps[i] for i in rows],
                                                    context_len)
-            planner.record([keys[i] for i in rows], confidence[rows])
         survived = (outcome < confidence).long().cumprod(-1).sum(-1)
+        if plan is not None and plan.draft:           # what the engine feeds back: confidences and outcomes
+            planner.record([keys[i] for i in rows], confidence[rows], lens[rows],
+                           torch.minimum(survived, lens)[rows])
         tokens += float((torch.minimum(survived, lens) + 1).sum())
         batch = requests + int(lens.sum())
         verify_s = true_cost.verify_time(batch, context_len, requests) * float(np.exp(rng.normal(0, noise)))

@@ -752,7 +752,7 @@ class Engine:
         calibrator and its margin features to the estimator (host tensors; any may be None)."""
         started = time.perf_counter()
         if confidence is not None:
-            self.planner.record([id(r) for r in requests], confidence)
+            self.planner.record([id(r) for r in requests], confidence, verify_lens, accepted)
         if features is not None:
             record["acceptance_features"] = features
             self.estimator.observe(features.numpy(), verify_lens.numpy(), accepted.numpy())
