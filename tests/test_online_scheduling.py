@@ -450,49 +450,17 @@ def test_a_request_whose_last_block_was_bad_drafts_again_when_the_population_say
     assert all(p.draft and not p.probe for p in plans[planner.lag + 1:])   # ... then the mean does
 
 
-def _play_miscalibrated(planner, factor: float, rounds: int = 400, seed: int = 0) -> tuple:
-    """One request whose head gives conditional confidences in [0.3, 0.7] while drafts are truly
-    accepted with `factor` times that; a CPU-like cost (verify 60 ms + 5 ms per token, draft
-    12 ms). Returns (tokens per simulated second, drafted rounds)."""
-    from dspark.bench.simulator import Backend
-
-    cost = CostModel(device="test", source="measured", verify_tokens=[1, 1024], context_lens=[0],
-                     verify_seconds=[[0.060, 0.060 + 1023 * 0.005]], draft_requests=[1, 64],
-                     draft_seconds=[0.012, 0.096])
-    planner.use_cost_model(cost)
-    generator = torch.Generator().manual_seed(seed)
-    tokens = seconds = drafted = 0
-    for _ in range(rounds):
-        confidence = 0.3 + 0.4 * torch.rand(1, planner.gamma, generator=generator, dtype=torch.float64)
-        survived = (torch.rand(1, planner.gamma, generator=generator, dtype=torch.float64) < factor * confidence)
-        plan = planner.before_round([0], [planner.gamma], 0)
-        lens = torch.zeros(1, dtype=torch.long)
-        if plan.draft:
-            lens, _ = planner.verify_lengths(Backend(), plan, confidence, [planner.gamma], 0)
-            accepted = torch.minimum(survived.long().cumprod(-1).sum(-1), lens)
-            planner.record([0], confidence, lens, accepted)
-            drafted += 1
-            tokens += int(accepted.sum())
-        tokens += 1
-        seconds += cost.verify_time(1 + int(lens.sum()), 0, 1) + (cost.draft_time(1) if plan.draft else 0.0)
-    return tokens / seconds, drafted
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_request_whose_drafts_fail_stops_drafting_and_a_calibrated_one_keeps_going(seed):
     """The head's confidences say drafting pays. Where they are right, the request's own verified
     rounds change nothing (within 2 %); where the request accepts a tenth of what the head says
     (on SmolLM2 a prose answer accepted 1 of 33 drafted rounds), it stops drafting and gains 20 %+.
     Head alone: OUTCOME_PRIOR so large that the ratio stays 1."""
-    def planner(head_alone: bool):
-        made = RoundPlanner("budget", linear_cost(0.0005), 7, "cpu")
-        if head_alone:
-            made.OUTCOME_PRIOR = 1e12
-        return made
+    from dspark.bench.simulator import miscalibrated_run
 
-    right_alone, right = (_play_miscalibrated(planner(alone), 1.0, seed=seed) for alone in (True, False))
+    right_alone, right = (miscalibrated_run(1.0, prior, seed=seed) for prior in (1e12, None))
     assert right[0] >= 0.98 * right_alone[0] and right[1] > 300
-    wrong_alone, wrong = (_play_miscalibrated(planner(alone), 0.1, seed=seed) for alone in (True, False))
+    wrong_alone, wrong = (miscalibrated_run(0.1, prior, seed=seed) for prior in (1e12, None))
     assert wrong_alone[1] == 400 and wrong[1] < 40
     assert wrong[0] >= 1.2 * wrong_alone[0]
 

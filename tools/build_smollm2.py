@@ -155,6 +155,7 @@ def build_drafts(work: Path, budget_minutes: float, algorithms=None, warm_start=
             continue
         out = work / f"draft-{algorithm}"
         init = Path(warm_start) / f"smollm2-{algorithm}" if warm_start else None
+        earlier = warm_start_record(Path(warm_start), algorithm) if warm_start else None   # refused before training
         plan_file = work / f"plan-{algorithm}.json"
         if plan_file.is_file():                 # a resumed build keeps the step count it chose
             plan = json.loads(plan_file.read_text())
@@ -183,10 +184,8 @@ def build_drafts(work: Path, budget_minutes: float, algorithms=None, warm_start=
                              "options": DRAFT_SETTINGS[algorithm]["draft_options"], "global_batch": GLOBAL_BATCH,
                              "lr": LR, "anchor_density": ANCHOR_DENSITY, "first_loss": metrics[0]["loss"],
                              "last_loss": metrics[-1]["loss"]}
-        if init:
-            report[algorithm]["warm_start"] = warm_start_record(Path(warm_start), algorithm)
-            report[algorithm]["total_budget_minutes"] = (report[algorithm]["warm_start"]["budget_minutes"]
-                                                         + budget_minutes)
+        if earlier:
+            report[algorithm].update(warm_start=earlier, total_budget_minutes=earlier["budget_minutes"] + budget_minutes)
     return report
 
 
@@ -200,7 +199,8 @@ def warm_start_record(directory: Path, algorithm: str) -> dict:
                          f"{directory} with an honest total budget")
     return {"from": str(directory / f"smollm2-{algorithm}"),
             "budget_minutes": stage.get("total_budget_minutes", stage["budget_minutes"]),
-            "data": {split: earlier["stages"]["regenerate"][split]["response_tokens"] for split in ("t0", "t1")}}
+            "data": {split: run.get("response_tokens")
+                     for split, run in earlier["stages"].get("regenerate", {}).items() if isinstance(run, dict)}}
 
 
 def package_drafts(work: Path, out: Path) -> dict:

@@ -170,11 +170,10 @@ def _play(mode, cost, true_cost, requests, gamma, confidences, outcomes, context
             drafting = len(rows)
             lens[rows], _ = planner.verify_lengths(backend, plan, confidence[rows], [caps[i] for i in rows],
                                                    context_len)
-        survived = (outcome < confidence).long().cumprod(-1).sum(-1)
+        accepted = torch.minimum((outcome < confidence).long().cumprod(-1).sum(-1), lens)
         if plan is not None and plan.draft:           # what the engine feeds back: confidences and outcomes
-            planner.record([keys[i] for i in rows], confidence[rows], lens[rows],
-                           torch.minimum(survived, lens)[rows])
-        tokens += float((torch.minimum(survived, lens) + 1).sum())
+            planner.record([keys[i] for i in rows], confidence[rows], lens[rows], accepted[rows])
+        tokens += float((accepted + 1).sum())
         batch = requests + int(lens.sum())
         verify_s = true_cost.verify_time(batch, context_len, requests) * float(np.exp(rng.normal(0, noise)))
         draft_s = true_cost.draft_time(drafting) * float(np.exp(rng.normal(0, noise))) \
@@ -186,6 +185,42 @@ def _play(mode, cost, true_cost, requests, gamma, confidences, outcomes, context
     count = len(confidences)
     return SimulationRow(mode, requests, tokens / requests / seconds, tokens / seconds, tokens / count / requests,
                          verify_tokens / count)
+
+
+# A CPU-like cost at batch 1 (verify 60 ms + 5 ms per token, draft 12 ms): drafting pays at the
+# head's confidences when they are right.
+CPU_LIKE_COST = CostModel(device="sim", source="measured", verify_tokens=[1, 1024], context_lens=[0],
+                          verify_seconds=[[0.060, 0.060 + 1023 * 0.005]], draft_requests=[1, 64],
+                          draft_seconds=[0.012, 0.096])
+
+
+def miscalibrated_run(factor: float, outcome_prior: Optional[float] = None, outcome_decay: Optional[float] = None,
+                      cost: CostModel = CPU_LIKE_COST, rounds: int = 400, gamma: int = 7, seed: int = 0) -> tuple:
+    """One request under budget whose head gives conditional confidences in [0.3, 0.7] while its
+    drafts are truly accepted with `factor` times that. The planner's per-request outcome scaling
+    uses its defaults unless `outcome_prior` / `outcome_decay` are given (a huge prior: the head
+    alone). Returns (tokens per simulated second, drafted rounds)."""
+    planner = RoundPlanner("budget", cost, gamma, "cpu")
+    if outcome_prior is not None:
+        planner.OUTCOME_PRIOR = outcome_prior
+    if outcome_decay is not None:
+        planner.OUTCOME_DECAY = outcome_decay
+    generator, backend = torch.Generator().manual_seed(seed), Backend()
+    tokens = seconds = drafted = 0
+    for _ in range(rounds):
+        confidence = 0.3 + 0.4 * torch.rand(1, gamma, generator=generator, dtype=torch.float64)
+        survived = torch.rand(1, gamma, generator=generator, dtype=torch.float64) < factor * confidence
+        plan = planner.before_round([0], [gamma], 0)
+        lens = torch.zeros(1, dtype=torch.long)
+        if plan.draft:
+            lens, _ = planner.verify_lengths(backend, plan, confidence, [gamma], 0)
+            accepted = torch.minimum(survived.long().cumprod(-1).sum(-1), lens)
+            planner.record([0], confidence, lens, accepted)
+            drafted += 1
+            tokens += int(accepted.sum())
+        tokens += 1
+        seconds += cost.verify_time(1 + int(lens.sum()), 0, 1) + (cost.draft_time(1) if plan.draft else 0.0)
+    return tokens / seconds, drafted
 
 
 # What the accelerator demonstration prices: an 8B dense target (36 layers, hidden 4096, 8 KV heads

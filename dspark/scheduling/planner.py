@@ -162,7 +162,7 @@ class RoundPlanner:
     PLAIN_SAMPLES = 2                  # plain rounds timed at a load and context before drafting there
     # A request's own evidence is weighed against OUTCOME_PRIOR expected accepts and fades by
     # OUTCOME_DECAY per drafted round of it (~10 rounds speak). In simulation (a CPU-like cost,
-    # 1 request, tests/test_online_scheduling.py) a prior of 1 with decay 0.8 stopped drafting on
+    # 1 request, dspark.bench.simulator.miscalibrated_run) a prior of 1 with decay 0.8 stopped drafting on
     # unlucky streaks and lost 18 % where the head was right; 5 and 0.9 lose nothing there and
     # gain 35 % where the head is 10x overconfident.
     OUTCOME_PRIOR = 5.0
