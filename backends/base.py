@@ -113,10 +113,12 @@ class Backend:
         return False
 
     # --- kernels used by the models ---
-    def inference_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-        """A faster kernel for y = x @ weight.T + bias with frozen weights, or None (use F.linear).
-        Returned as a callable over 2-D inputs [M, in] -> [M, out]; models install it with
-        `dspark.models.layers.prepare_for_inference` and drop it whenever the weight changes."""
+    def inference_linear(self, weights: list, biases: list):
+        """A faster kernel for frozen linears that read the same input, or None (use F.linear):
+        y = x @ cat(weights).T + cat(biases), a bias None counting as zeros. Returned as a callable
+        over 2-D inputs [M, in] -> [M, sum of out]; one weight is a plain linear. Models install
+        it with `dspark.models.layers.prepare_for_inference` (a group of weights for the Linears a
+        module lists in `linear_groups`) and drop it whenever a weight changes."""
         return None
 
     def attention(

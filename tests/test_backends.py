@@ -120,6 +120,68 @@ def test_cpu_inference_linear_matches_f_linear_with_every_kernel_choice(bias, ch
         cpu.mkl_rows.cache_clear()
 
 
+@pytest.mark.parametrize("choice", ["mkl", "onednn"])
+def test_cpu_linear_group_runs_fused_and_matches_each_linear(choice, monkeypatch):
+    """Linears a module lists in `linear_groups` run as one kernel over their concatenated
+    weights at inference (a bias None counting as zeros), and give each Linear's own product;
+    with a gradient wanted, or once a weight changed, each Linear runs on its own again."""
+    from dspark.backends import cpu
+    from dspark.models.layers import Linear, linear_group, prepare_for_inference
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+
+    class Projections(torch.nn.Module):
+        linear_groups = (("a", "b", "c"),)
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = Linear(48, 40, bias=True), Linear(48, 24), Linear(48, 8, bias=True)
+
+    monkeypatch.setenv(cpu.LINEAR_ENV, choice)
+    cpu.mkl_rows.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(11)
+        module = Projections()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+                p.requires_grad_(False)
+        prepare_for_inference(module, get_backend("cpu"))
+        assert set(module.group_kernels) == {("a", "b", "c")}
+        assert all(m.kernel is None for m in (module.a, module.b, module.c))   # the group's kernel only
+
+        def expected(x):
+            return [torch.nn.functional.linear(x.double(), m.weight.double(),
+                                               None if m.bias is None else m.bias.double())
+                    for m in (module.a, module.b, module.c)]
+
+        for rows in (1, 2, 5, 9):
+            x = torch.randn(3, rows, 48, generator=gen)
+            with torch.no_grad():
+                outs = linear_group(module, ("a", "b", "c"), x)
+            assert [o.shape for o in outs] == [(3, rows, 40), (3, rows, 24), (3, rows, 8)]
+            for out, ref in zip(outs, expected(x)):
+                torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+        calls = []
+        fn, identity, sizes = module.group_kernels[("a", "b", "c")]
+        module.group_kernels[("a", "b", "c")] = (lambda x: calls.append(1) or fn(x), identity, sizes)
+        x = torch.randn(4, 48, generator=gen, requires_grad=True)
+        outs = linear_group(module, ("a", "b", "c"), x)                    # autograd wanted: unfused
+        assert not calls and all(o.requires_grad for o in outs)
+        with torch.no_grad():
+            linear_group(module, ("a", "b", "c"), x)
+            assert calls == [1]
+            module.b.weight.mul_(2.0)                                       # a changed weight: dropped
+            outs = linear_group(module, ("a", "b", "c"), x)
+        assert calls == [1] and ("a", "b", "c") not in module.group_kernels
+        for out, ref in zip(outs, expected(x)):
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    finally:
+        cpu.mkl_rows.cache_clear()
+
+
 def test_cpu_linear_choice_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
     """auto: the first process on a machine times both kernels and caches the faster per row count
     under the machine's key; later processes read it; a corrupt cache is measured and rewritten."""

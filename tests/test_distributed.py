@@ -58,7 +58,7 @@ def worker(rank: int, port: int, config: dict, out: str) -> None:
     (sharding runs every product as F.linear on the all-gathered weights)."""
     from dspark.backends.cpu import CPUBackend
 
-    CPUBackend.inference_linear = lambda self, weight, bias: None
+    CPUBackend.inference_linear = lambda self, weights, biases: None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)

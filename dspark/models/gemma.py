@@ -39,7 +39,7 @@ from torch import nn
 
 from .batch import KVCache, StepBatch
 from .gemma_config import FULL, SLIDING, GemmaConfig, GemmaLayerSpec, GemmaRope
-from .layers import Linear, apply_rope
+from .layers import Linear, apply_rope, linear_group
 from .target import TargetOutput, padded_queries
 
 ACTIVATIONS = {"gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
@@ -147,15 +147,17 @@ class GemmaAttention(nn.Module):
             if cfg.gemma4:
                 self.v_norm = GemmaRMSNorm(spec.head_dim, cfg.rms_norm_eps, zero_centred, with_weight=False)
         self.o_proj = Linear(cfg.num_heads * spec.head_dim, d, bias=bias)
+        self.linear_groups = (tuple(name for name in ("q_proj", "k_proj", "v_proj") if getattr(self, name) is not None),)
 
     def forward(self, x, cos, sin, mask, batch: StepBatch, cache: GemmaKVCache, backend) -> torch.Tensor:
         """x: [N, d]; cos/sin: [N, D] of this layer type; mask: [R, 1, Qmax, L] bool."""
         n = x.shape[0]
-        q = apply_rope(self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim)), cos, sin)   # [N, H, D]
+        q, *kv = linear_group(self, self.linear_groups[0], x)
+        q = apply_rope(self.q_norm(q.view(n, self.num_heads, self.head_dim)), cos, sin)              # [N, H, D]
         if self.k_proj is not None:
-            k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)                            # [N, KVH, D]
+            k = kv[0].view(n, self.num_kv_heads, self.head_dim)                                     # [N, KVH, D]
             # K = V (Gemma 4 global layers): the values are the raw key projection.
-            v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k
+            v = kv[1].view(n, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k
             k = apply_rope(self.k_norm(k), cos, sin)
             if self.v_norm is not None:
                 v = self.v_norm(v)
@@ -171,6 +173,7 @@ class GemmaAttention(nn.Module):
 
 class GemmaMLP(nn.Module):
     """down(act(gate(x)) * up(x)), act = GELU with the tanh approximation."""
+    linear_groups = (("gate_proj", "up_proj"),)
 
     def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
@@ -180,7 +183,8 @@ class GemmaMLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group(self, ("gate_proj", "up_proj"), x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class GemmaRouter(nn.Module):

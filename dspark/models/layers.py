@@ -18,7 +18,7 @@ class Linear(nn.Linear):
     kernel = None           # (callable [M, in] -> [M, out], the weight's identity when prepared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if self.kernel is not None and not _wants_grad(x, (self,)):
             fn, identity = self.kernel
             if identity == _identity(self.weight):
                 return fn(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
@@ -26,17 +26,64 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def linear_group(module: nn.Module, names: tuple, x: torch.Tensor) -> list:
+    """The outputs of `module`'s Linears `names` (a group it lists in `linear_groups`), all on the
+    same input x: at inference one matmul over their concatenated weights, split afterwards, when
+    `prepare_for_inference` gave the group a kernel and every weight is still the one it was
+    prepared from; otherwise (training, no kernel, a changed weight) each Linear on its own.
+
+    On the CPU one fused product instead of three (q, k, v) or two (gate, up) saved about 30 % of
+    SmolLM2's linear time at 1 and at 8 rows (backends/cpu.py): fewer, wider calls."""
+    members = [getattr(module, name) for name in names]
+    kernel = (module.__dict__.get("group_kernels") or {}).get(names)
+    if kernel is not None and not _wants_grad(x, members):
+        fn, identity, sizes = kernel
+        if identity == tuple(_identity(m.weight) for m in members):
+            out = fn(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], sum(sizes))
+            return list(out.split(sizes, dim=-1))
+        del module.group_kernels[names]
+    return [m(x) for m in members]
+
+
+def _wants_grad(x: torch.Tensor, linears) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(m.weight.requires_grad for m in linears))
+
+
 def _identity(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), weight._version, weight.dtype, weight.device
 
 
 def prepare_for_inference(model: nn.Module, backend) -> nn.Module:
-    """Give every `Linear` of a frozen model the backend's inference kernel, if it has one."""
+    """Give the Linears of a frozen model the backend's inference kernel, if it has one: one
+    kernel per group a module lists in `linear_groups` (Linears that read the same input, run by
+    `linear_group`), one per remaining Linear."""
+    grouped = set()
+    for module in model.modules():
+        groups = {}
+        for names in getattr(module, "linear_groups", ()):
+            members = [getattr(module, name) for name in names]
+            fn = backend.inference_linear([m.weight for m in members], [m.bias for m in members])
+            if fn is not None:
+                groups[names] = (fn, tuple(_identity(m.weight) for m in members),
+                                 [m.out_features for m in members])
+                grouped.update(id(m) for m in members)
+        if groups:
+            module.group_kernels = groups
     for module in model.modules():
         if isinstance(module, Linear):
-            fn = backend.inference_linear(module.weight, module.bias)
+            fn = None if id(module) in grouped else backend.inference_linear([module.weight], [module.bias])
             module.kernel = None if fn is None else (fn, _identity(module.weight))
     return model
+
+
+def drop_inference_kernels(model: nn.Module) -> None:
+    """Forget every kernel `prepare_for_inference` installed (each holds a copy of its weights):
+    the model's Linears go back to F.linear."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = None
+        if "group_kernels" in module.__dict__:
+            del module.group_kernels
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +101,7 @@ class RMSNorm(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+    linear_groups = (("gate_proj", "up_proj"),)
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
@@ -62,7 +110,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group(self, ("gate_proj", "up_proj"), x)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

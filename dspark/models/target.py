@@ -15,7 +15,7 @@ from torch import nn
 
 from .batch import KVCache, StepBatch
 from .config import TargetConfig
-from .layers import MLP, Linear, RMSNorm, Rotary, apply_rope
+from .layers import MLP, Linear, RMSNorm, Rotary, apply_rope, linear_group
 
 
 def padded_queries(x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -56,6 +56,8 @@ class AttentionLayout:
 
 
 class TargetAttention(nn.Module):
+    linear_groups = (("q_proj", "k_proj", "v_proj"),)
+
     def __init__(self, cfg: TargetConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -73,9 +75,10 @@ class TargetAttention(nn.Module):
     def forward(self, x, cos, sin, batch: StepBatch, layout: AttentionLayout, cache: KVCache,
                 backend) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)      # [N, H, D]
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)   # [N, KVH, D]
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)   # [N, KVH, D]
+        q, k, v = linear_group(self, ("q_proj", "k_proj", "v_proj"), x)
+        q = q.view(n, self.num_heads, self.head_dim)                   # [N, H, D]
+        k = k.view(n, self.num_kv_heads, self.head_dim)                # [N, KVH, D]
+        v = v.view(n, self.num_kv_heads, self.head_dim)                # [N, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..backends import Backend, get_backend
 from ..errors import ConfigError
-from ..models.layers import Linear
+from ..models.layers import drop_inference_kernels
 
 
 def process_backend(name=None) -> Backend:
@@ -62,15 +62,6 @@ def sharded_units(target: nn.Module) -> list:
 def unsharded_parameters(target: nn.Module) -> set:
     """Parameters every process keeps whole (see the module docstring): the LM head."""
     return set(target.lm_head.parameters())
-
-
-def drop_inference_kernels(module: nn.Module) -> None:
-    """Forget the backend's prepacked inference kernels (`prepare_for_inference`): each holds a
-    full copy of its weight, which would undo the sharding. Sharded layers run F.linear on the
-    all-gathered weight instead."""
-    for sub in module.modules():
-        if isinstance(sub, Linear):
-            sub.kernel = None
 
 
 def shard_frozen_target(target: nn.Module, device: torch.device, world_size: Optional[int] = None) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..batch import KVCache
-from ..layers import MLP, Linear, RMSNorm, Rotary, apply_rope
+from ..layers import MLP, Linear, RMSNorm, Rotary, apply_rope, linear_group
 from .base import DraftAlgorithm, DraftProposal, register_draft_algorithm
 from .config import DSPARK_ARCHITECTURE, DraftConfig, default_target_layer_ids
 from .heads import MARKOV_HEADS, ConfidenceHead
@@ -24,6 +24,8 @@ from .vocab import DraftVocab, LMHead, ScaledEmbedding
 
 
 class DraftAttention(nn.Module):
+    linear_groups = (("k_proj", "v_proj"),)         # q reads only the block; k and v the context too
+
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -37,8 +39,8 @@ class DraftAttention(nn.Module):
     def keys_values(self, x, cos, sin):
         """K (normed, rotated) and V of x: [..., d] -> 2 x [..., KVH, D]."""
         shape = x.shape[:-1] + (self.num_kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
-        return k, self.v_proj(x).view(shape)
+        k, v = linear_group(self, ("k_proj", "v_proj"), x)
+        return apply_rope(self.k_norm(k.view(shape)), cos, sin), v.view(shape)
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask, backend):
         """x: [R, T, d] block tokens; ctx_k/ctx_v: [R, L, KVH, D] injected context;

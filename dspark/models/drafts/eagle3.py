@@ -37,7 +37,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..batch import KVCache
-from ..layers import MLP, Linear, RMSNorm, Rotary, apply_rope
+from ..layers import MLP, Linear, RMSNorm, Rotary, apply_rope, linear_group
 from .base import DraftAlgorithm, DraftProposal, register_draft_algorithm
 from .config import DraftConfig
 from .vocab import DraftVocab
@@ -98,6 +98,7 @@ class Eagle3Cache:
 class Eagle3Attention(nn.Module):
     """Projections only; the attention itself is the backend's (inference) or the
     training-time test's (training)."""
+    linear_groups = (("q_proj", "k_proj", "v_proj"),)
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -126,9 +127,10 @@ class Eagle3Layer(nn.Module):
         attn = self.self_attn
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(features)], dim=-1)   # [..., 2d]
         lead = x.shape[:-1]
-        q = apply_rope(attn.q_proj(x).view(*lead, attn.num_heads, attn.head_dim), cos, sin)
-        k = apply_rope(attn.k_proj(x).view(*lead, attn.num_kv_heads, attn.head_dim), cos, sin)
-        v = attn.v_proj(x).view(*lead, attn.num_kv_heads, attn.head_dim)
+        q, k, v = linear_group(attn, ("q_proj", "k_proj", "v_proj"), x)
+        q = apply_rope(q.view(*lead, attn.num_heads, attn.head_dim), cos, sin)
+        k = apply_rope(k.view(*lead, attn.num_kv_heads, attn.head_dim), cos, sin)
+        v = v.view(*lead, attn.num_kv_heads, attn.head_dim)
         return q, k, v
 
     def finish(self, features: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
