@@ -1,0 +1,77 @@
+"""Train DSpark draft variants for SmolLM2 on one build's cached features and compare their greedy τ.
+
+Each variant is the shipped recipe (`build_smollm2.DRAFT_SETTINGS["dspark"]`, same batch, learning
+rate, anchors and seed) with one shape changed: `base` (1 layer, block 7), `layers2` (2 layers),
+`block4` (a block of 4). The work directory must hold a build's regenerated data and feature cache
+(`python tools/build_smollm2.py --work DIR --only prompts|regenerate|features ...`). Prints each
+variant's CPU seconds, then τ (whole block verified, greedy, the first prompts of each eval set)
+and per-position survival. Results: docs/BENCHMARKS.md, "Draft shape at equal steps and equal CPU".
+
+    python tools/draft_shape_trial.py build/exp --steps 160 --variants block4,base,layers2
+    python tools/draft_shape_trial.py build/exp --steps 260 --variants block4
+"""
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import build_smollm2 as build
+
+import dspark
+from dspark.bench.harness import find_eval_dir, load_prompt_sets
+from dspark.prompts import prompt_ids
+
+VARIANTS = {"base": {"num_layers": 1, "block_size": 7}, "layers2": {"num_layers": 2, "block_size": 7},
+            "block4": {"num_layers": 1, "block_size": 4}}
+
+
+def train(work: Path, name: str, steps: int) -> Path:
+    from dspark.training.trainer import Trainer
+
+    out = work / f"trial-{name}-{steps}"
+    config = dataclasses.replace(build.train_config(work, "dspark", steps, out),
+                                 draft_options={**build.DRAFT_SETTINGS["dspark"]["draft_options"], **VARIANTS[name]})
+    started = time.process_time()
+    Trainer(config, progress=lambda m: build.log(f"[{name}] {m}")).train()
+    build.log(f"[{name}] {steps} steps, {(time.process_time() - started) / 2:.0f} CPU s (both cores / 2)")
+    return out
+
+
+def greedy_tau(draft: Path, prompts_per_dataset: int, max_new_tokens: int) -> str:
+    engine = dspark.Engine.from_pretrained("smollm2-135m-instruct", draft=str(draft), backend="cpu", schedule="fixed",
+                                           max_batch_size=16, max_model_len=1024)
+    survived, rounds, taus = [0] * engine.gamma, 0, []
+    for prompts in load_prompt_sets(find_eval_dir(), limit=prompts_per_dataset).values():
+        ids = [prompt_ids({"prompt": p}, engine.tokenizer) for p in prompts]
+        outputs = engine.generate(ids, dspark.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        accepted = [a for o in outputs for a in o.stats["accepted"]]
+        taus.append((sum(accepted) + len(accepted)) / len(accepted))
+        rounds += len(accepted)
+        for a in accepted:
+            for k in range(a):
+                survived[k] += 1
+    return (f"macro tau {sum(taus) / len(taus):.3f}, per set {[round(t, 3) for t in taus]}, "
+            f"survival {[round(s / rounds, 3) for s in survived]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", type=Path, help="a build_smollm2 work directory with its feature cache")
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--variants", default="block4,base,layers2", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--prompts-per-dataset", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not (args.work / "feature_cache" / "cache.json").is_file():
+        parser.error(f"unknown variants {unknown}" if unknown else
+                     f"{args.work} has no feature cache; build one with tools/build_smollm2.py --work {args.work}")
+    drafts = {name: train(args.work, name, args.steps) for name in names}
+    for name, draft in drafts.items():
+        print(f"{name} ({args.steps} steps): {greedy_tau(draft, args.prompts_per_dataset, args.max_new_tokens)}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
