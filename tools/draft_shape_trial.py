@@ -16,10 +16,7 @@ import time
 from pathlib import Path
 
 import build_smollm2 as build
-
-import dspark
-from dspark.bench.harness import find_eval_dir, load_prompt_sets
-from dspark.prompts import prompt_ids
+from tau_greedy import greedy_tau
 
 VARIANTS = {"base": {"num_layers": 1, "block_size": 7}, "layers2": {"num_layers": 2, "block_size": 7},
             "block4": {"num_layers": 1, "block_size": 4}}
@@ -37,23 +34,6 @@ def train(work: Path, name: str, steps: int) -> Path:
     return out
 
 
-def greedy_tau(draft: Path, prompts_per_dataset: int, max_new_tokens: int) -> str:
-    engine = dspark.Engine.from_pretrained("smollm2-135m-instruct", draft=str(draft), backend="cpu", schedule="fixed",
-                                           max_batch_size=16, max_model_len=1024)
-    survived, rounds, taus = [0] * engine.gamma, 0, []
-    for prompts in load_prompt_sets(find_eval_dir(), limit=prompts_per_dataset).values():
-        ids = [prompt_ids({"prompt": p}, engine.tokenizer) for p in prompts]
-        outputs = engine.generate(ids, dspark.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        accepted = [a for o in outputs for a in o.stats["accepted"]]
-        taus.append((sum(accepted) + len(accepted)) / len(accepted))
-        rounds += len(accepted)
-        for a in accepted:
-            for k in range(a):
-                survived[k] += 1
-    return (f"macro tau {sum(taus) / len(taus):.3f}, per set {[round(t, 3) for t in taus]}, "
-            f"survival {[round(s / rounds, 3) for s in survived]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path, help="a build_smollm2 work directory with its feature cache")
@@ -69,7 +49,9 @@ def main() -> None:
                      f"{args.work} has no feature cache; build one with tools/build_smollm2.py --work {args.work}")
     drafts = {name: train(args.work, name, args.steps) for name in names}
     for name, draft in drafts.items():
-        print(f"{name} ({args.steps} steps): {greedy_tau(draft, args.prompts_per_dataset, args.max_new_tokens)}",
+        taus, survival = greedy_tau(draft, args.prompts_per_dataset, args.max_new_tokens, progress=lambda m: None)
+        print(f"{name} ({args.steps} steps): macro tau {sum(taus.values()) / len(taus):.3f}, "
+              f"per set {[round(t, 3) for t in taus.values()]}, survival {[round(s, 3) for s in survival]}",
               flush=True)
 
 
