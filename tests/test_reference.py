@@ -161,3 +161,38 @@ def test_bench_quick_runs_every_section_losslessly(tmp_path):
     assert [r["concurrency"] for r in results["concurrency"]] == [1, 8, 32]
     markdown = (tmp_path / "results.md").read_text()
     assert "macro average" in markdown and "x transformers generate()" in markdown and "| requests |" in markdown
+
+
+def test_bench_labels_and_lengths_follow_each_drafts_own_block(tmp_path):
+    """A block-4 DSpark draft beside a block-7 DFlash one: the speed rows name each draft's whole
+    block ("fixed 4" / "fixed 7"), fixed lengths past a draft's block are capped at it instead of
+    timing the same schedule twice under a wrong name, and the acceptance report names both blocks
+    and leaves the positions a draft does not have empty (it used to index past them)."""
+    from dspark.bench import harness
+    from dspark.bench.report import acceptance_tables
+    from dspark.models.drafts.io import init_draft
+
+    block4 = init_draft(reference_model_dir("target"), tmp_path / "block4", "dspark", block_size=4)
+    models = Models.load(reference_model_dir("target"), {"dspark": block4, "dflash": reference_model_dir("dflash")},
+                         backend="cpu")
+    assert (models.block_size("dspark"), models.block_size("dflash")) == (4, 7)
+    assert models.full_block_label("dspark") == "dspark + DSpark, fixed 4"
+    assert models.full_block_label("dflash") == "dspark + DFlash, fixed 7"
+    assert harness.fixed_lengths([1, 3, 5, 7], 4) == [1, 3, 4]
+    settings = harness.BenchSettings(prompts_per_dataset=1, max_new_tokens=4, speed_prompts=1, speed_max_new_tokens=4,
+                                     concurrency=[1], fixed_lengths=[3, 7], repeats=1)
+    labels = [label for label, _, _ in harness.concurrency_modes(models, settings, None)]
+    assert {"fixed 3", "fixed 4", "DFlash fixed 3", "DFlash fixed 7"} <= set(labels)
+    assert "fixed 7" not in labels
+
+    def stats(positions):
+        return {"tau": 1.5, "rounds": 10, "position_acceptance": positions}
+
+    results = {"settings": {"block_size": 7, "temperatures": [0.0]}, "block_sizes": {"dspark": 4, "dflash": 7},
+               "datasets": {"gsm8k": 1},
+               "acceptance": {"gsm8k": {"dspark": {"T=0": stats([0.5, 0.4, 0.3, 0.2])},
+                                        "dflash": {"T=0": stats([0.3] * 7)}}}}
+    text = "\n".join(acceptance_tables(results))
+    assert "whole block verified: DSpark 4, DFlash 7" in text
+    assert "| DSpark | T=0 | 0.50 | 0.40 | 0.30 | 0.20 | - | - | - |" in text
+    assert "| DFlash | T=0 | " + " | ".join(["0.30"] * 7) + " |" in text

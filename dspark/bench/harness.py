@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,7 +67,7 @@ class BenchSettings:
     concurrency: list
     fixed_lengths: list
     repeats: int                   # round-robin repeats of every timed configuration
-    block_size: int = 7
+    block_size: int = 7            # the longest block among the drafts (set by run_benchmark from them)
     temperatures: list = field(default_factory=lambda: [0.0, 1.0])
     cost_profile: Optional[str] = None   # the concurrency section's calibrated profile (None: calibrate there)
     calibrated_out: Optional[str] = None  # where a profile calibrated there is written (None: a temporary file)
@@ -149,6 +149,14 @@ class Models:
 
     def encode(self, text: str) -> list:
         return prompt_ids({"prompt": text}, self.tokenizer)
+
+    def block_size(self, draft: str) -> int:
+        """Tokens the draft proposes per round: its whole block, the most a round verifies."""
+        return self.drafts[draft].config.block_size
+
+    def full_block_label(self, draft: str) -> str:
+        """The speed section's label of the draft's whole-block row, e.g. "dspark + DSpark, fixed 4"."""
+        return f"dspark + {LABELS.get(draft, draft)}, fixed {self.block_size(draft)}"
 
 
 def _greedy(max_new_tokens: int, count: int, ignore_eos: bool = False) -> list:
@@ -347,7 +355,7 @@ def run_speed(models: Models, sets: dict, settings: BenchSettings, ledger: Lossl
         runners[HF_METHODS["assisted"]] = _hf_runner(models, "assisted", load_assistant(models))
     runners["dspark, no draft"] = _engine_runner(models.engine(**config), "plain")
     for algorithm in models.drafts:
-        runners[f"dspark + {LABELS.get(algorithm, algorithm)}, fixed {settings.block_size}"] = _engine_runner(
+        runners[models.full_block_label(algorithm)] = _engine_runner(
             models.engine(algorithm, schedule="fixed", **config), "speculative")
     if "dspark" in models.drafts:
         for mode in SCHEDULER_MODES:
@@ -389,7 +397,7 @@ def machine_limits(models: Models, sets: dict, settings: BenchSettings, speed: l
     taus = {r["method"]: r["tau"] for r in speed}
     limits = []
     for algorithm in models.drafts:
-        tau = taus.get(f"dspark + {LABELS.get(algorithm, algorithm)}, fixed {settings.block_size}")
+        tau = taus.get(models.full_block_label(algorithm))
         if tau is not None:
             limits.append(machine_limit(models, sets, settings, algorithm, tau))
     return limits
@@ -423,7 +431,8 @@ def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optio
     modes = [("no speculation", None, {})]
     if main is None:
         return modes
-    modes += [(f"fixed {k}", main, {"schedule": "fixed", "verify_len": k}) for k in settings.fixed_lengths]
+    modes += [(f"fixed {k}", main, {"schedule": "fixed", "verify_len": k})
+              for k in fixed_lengths(settings.fixed_lengths, models.block_size(main))]
     modes += [(mode, main, {"schedule": mode}) for mode in SCHEDULER_MODES]
     modes.append(("budget, frozen prior", main, {"schedule": "budget", "online_costs": False}))
     if calibrated is not None:
@@ -431,9 +440,15 @@ def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optio
                                                    "cost_profile": calibrated}))
     if "dflash" in models.drafts and main != "dflash":
         modes += [(f"DFlash fixed {k}", "dflash", {"schedule": "fixed", "verify_len": k})
-                  for k in settings.fixed_lengths]
+                  for k in fixed_lengths(settings.fixed_lengths, models.block_size("dflash"))]
         modes.append(("DFlash budget (margin)", "dflash", {"schedule": "budget"}))
     return modes
+
+
+def fixed_lengths(lengths: list, block_size: int) -> list:
+    """The fixed verify lengths a draft can run: longer ones are capped at its block (a fixed
+    schedule verifies at most the whole block), duplicates dropped."""
+    return sorted({min(k, block_size) for k in lengths})
 
 
 def calibrated_profile(models: Models, settings: BenchSettings, pool: list, progress: Callable = print) -> Optional[str]:
@@ -562,7 +577,9 @@ def git_commit() -> Optional[str]:
 def run_benchmark(models: Models, sets: dict, settings: BenchSettings, sections=("acceptance", "speed", "concurrency"),
                   progress: Callable = print) -> dict:
     ledger = LosslessLedger(models)
-    results = {"settings": asdict(settings), "datasets": {k: len(v) for k, v in sets.items()},
+    if models.drafts:
+        settings = replace(settings, block_size=max(models.block_size(name) for name in models.drafts))
+    results = {"settings": asdict(settings), "block_sizes": {name: models.block_size(name) for name in models.drafts}, "datasets": {k: len(v) for k, v in sets.items()},
                "target": models.target_dir.name, "machine": machine_description(), "backend": models.backend.name,
                "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     timings = {}

@@ -31,8 +31,9 @@ def acceptance_tables(results: dict) -> list:
     algorithms = [a for a in ALGORITHMS if any(a in per for per in acceptance.values())]
     temps = results["settings"]["temperatures"]
     columns = [(a, f"T={t:g}") for t in temps for a in algorithms]
-    lines = ["### Accepted length tau (tokens per round, whole block of "
-             f"{results['settings']['block_size']} verified)", "",
+    blocks = results.get("block_sizes") or {a: results["settings"]["block_size"] for a in algorithms}
+    verified = ", ".join(f"{LABELS[a]} {blocks[a]}" for a in algorithms if a in blocks)
+    lines = [f"### Accepted length tau (tokens per round, whole block verified: {verified})", "",
              "| dataset | prompts | " + " | ".join(f"{LABELS[a]} {t}" for a, t in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for dataset, per in acceptance.items():
@@ -58,7 +59,7 @@ def acceptance_tables(results: dict) -> list:
     for a, t in columns:
         rows = [per[a][t]["position_acceptance"] for per in acceptance.values() if a in per and
                 per[a][t]["position_acceptance"]]
-        means = [_mean([r[k] for r in rows]) for k in range(gamma)]
+        means = [_mean([r[k] for r in rows if k < len(r)]) for k in range(gamma)]
         lines.append(f"| {LABELS[a]} | {t} | " + " | ".join(_f(m) for m in means) + " |")
     calibrated = [(t, [per["dspark"][t].get("calibration") for per in acceptance.values() if "dspark" in per])
                   for t in (f"T={x:g}" for x in temps)]
