@@ -40,8 +40,11 @@ MAX_LENGTH = 640                         # prompt + response tokens per training
 # hundred steps a CPU budget allows, a randomly initialised layer had barely left the unigram
 # (first-position accuracy ~15 % after 119 steps); the warm start and a higher learning rate with
 # smaller batches (more updates for the same tokens) move faster.
+# DSpark drafts a block of 4: on this target positions 5-7 survive in under 1 % of rounds, a block-4
+# step costs 0.61x a block-7 one, and at equal steps both reach the same tau, so the same budget
+# buys ~1.6x the steps (docs/BENCHMARKS.md, "Draft shape at equal steps and equal CPU").
 DRAFT_SETTINGS = {
-    "dspark": dict(draft_options={"num_layers": 1, "block_size": 7, "markov_rank": 64, "draft_vocab_size": 16384,
+    "dspark": dict(draft_options={"num_layers": 1, "block_size": 4, "markov_rank": 64, "draft_vocab_size": 16384,
                                   "from_target": True}),
     "dflash": dict(draft_options={"num_layers": 1, "block_size": 7, "draft_vocab_size": 16384, "from_target": True}),
     "eagle3": dict(draft_options={"block_size": 7, "draft_vocab_size": 16384, "target_layer_ids": [1, 14, 27],
@@ -203,7 +206,7 @@ def warm_start_record(directory: Path, algorithm: str) -> dict:
                      for split, run in earlier["stages"].get("regenerate", {}).items() if isinstance(run, dict)}}
 
 
-def package_drafts(work: Path, out: Path) -> dict:
+def package_drafts(work: Path, out: Path, algorithms=None) -> dict:
     """bf16 weights, without the embedding / LM head they share with the target."""
     import shutil
 
@@ -214,6 +217,8 @@ def package_drafts(work: Path, out: Path) -> dict:
     target, _ = load_target(TARGET, torch.device("cpu"), torch.float32)
     report = {}
     for algorithm in DRAFT_SETTINGS:
+        if algorithms and algorithm not in algorithms:
+            continue
         draft = load_draft(work / f"draft-{algorithm}", target.config, target)
         ship = out / f"smollm2-{algorithm}"
         shutil.rmtree(ship, ignore_errors=True)
@@ -269,7 +274,7 @@ def main() -> None:
                         help="prompts regenerated at T = 1 (the first of prompts_t1.jsonl's shuffled mix)")
     parser.add_argument("--budget-minutes", type=float, default=45.0, help="CPU time per draft")
     parser.add_argument("--algorithms", type=lambda text: text.split(","), metavar="LIST",
-                        help="with --only drafts: train only these, e.g. dspark,dflash")
+                        help="with --only drafts or --only package: only these, e.g. dspark,dflash")
     parser.add_argument("--warm-start", metavar="DIR",
                         help="continue each draft from DIR/smollm2-<algorithm> (e.g. the shipped drafts in "
                              "dspark/reference_models) instead of a fresh init; BUILD.json records both budgets")
@@ -288,7 +293,8 @@ def main() -> None:
         "features": lambda: build_features(work),
         "drafts": lambda: {**build.get("stages", {}).get("drafts", {}),
                            **build_drafts(work, args.budget_minutes, args.algorithms, args.warm_start)},
-        "package": lambda: package_drafts(work, out),
+        "package": lambda: {**build.get("stages", {}).get("package", {}),
+                            **package_drafts(work, out, args.algorithms)},
         "sts": lambda: fit_sts(work, out),
     }
     for stage in STAGES:

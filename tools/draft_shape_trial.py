@@ -1,14 +1,16 @@
-"""Train DSpark draft variants for SmolLM2 on one build's cached features and compare their greedy τ.
+"""Train draft variants for SmolLM2 on one build's cached features and compare their greedy τ.
 
-Each variant is the shipped recipe (`build_smollm2.DRAFT_SETTINGS["dspark"]`, same batch, learning
-rate, anchors and seed) with one shape changed: `base` (1 layer, block 7), `layers2` (2 layers),
-`block4` (a block of 4). The work directory must hold a build's regenerated data and feature cache
+Each variant is the build's recipe for one algorithm (`build_smollm2.DRAFT_SETTINGS[--algorithm]`,
+same batch, learning rate, anchors and seed) with its shape set: `base` (1 layer, block 7, the
+recipe before DSpark moved to block 4), `layers2` (2 layers, block 7), `block4` (1 layer, a block of
+4). DFlash takes the same variants (`--algorithm dflash`). The work directory must hold a build's regenerated data and feature cache
 (`python tools/build_smollm2.py --work DIR --only prompts|regenerate|features ...`). Prints each
 variant's CPU seconds, then τ (whole block verified, greedy, the first prompts of each eval set)
 and per-position survival. Results: docs/BENCHMARKS.md, "Draft shape at equal steps and equal CPU".
 
     python tools/draft_shape_trial.py build/exp --steps 160 --variants block4,base,layers2
     python tools/draft_shape_trial.py build/exp --steps 260 --variants block4
+    python tools/draft_shape_trial.py build/exp --algorithm dflash --steps 535 --variants block4
 """
 import argparse
 import dataclasses
@@ -22,12 +24,12 @@ VARIANTS = {"base": {"num_layers": 1, "block_size": 7}, "layers2": {"num_layers"
             "block4": {"num_layers": 1, "block_size": 4}}
 
 
-def train(work: Path, name: str, steps: int) -> Path:
+def train(work: Path, algorithm: str, name: str, steps: int) -> Path:
     from dspark.training.trainer import Trainer
 
-    out = work / f"trial-{name}-{steps}"
-    config = dataclasses.replace(build.train_config(work, "dspark", steps, out),
-                                 draft_options={**build.DRAFT_SETTINGS["dspark"]["draft_options"], **VARIANTS[name]})
+    out = work / f"trial-{algorithm}-{name}-{steps}"
+    config = dataclasses.replace(build.train_config(work, algorithm, steps, out),
+                                 draft_options={**build.DRAFT_SETTINGS[algorithm]["draft_options"], **VARIANTS[name]})
     started = time.process_time()
     Trainer(config, progress=lambda m: build.log(f"[{name}] {m}")).train()
     build.log(f"[{name}] {steps} steps, {(time.process_time() - started) / 2:.0f} CPU s (both cores / 2)")
@@ -37,6 +39,7 @@ def train(work: Path, name: str, steps: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path, help="a build_smollm2 work directory with its feature cache")
+    parser.add_argument("--algorithm", choices=("dspark", "dflash"), default="dspark")
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--variants", default="block4,base,layers2", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--prompts-per-dataset", type=int, default=2)
@@ -47,7 +50,7 @@ def main() -> None:
     if unknown or not (args.work / "feature_cache" / "cache.json").is_file():
         parser.error(f"unknown variants {unknown}" if unknown else
                      f"{args.work} has no feature cache; build one with tools/build_smollm2.py --work {args.work}")
-    drafts = {name: train(args.work, name, args.steps) for name in names}
+    drafts = {name: train(args.work, args.algorithm, name, args.steps) for name in names}
     for name, draft in drafts.items():
         taus, survival = greedy_tau(draft, args.prompts_per_dataset, args.max_new_tokens, progress=lambda m: None)
         print(f"{name} ({args.steps} steps): macro tau {sum(taus.values()) / len(taus):.3f}, "
