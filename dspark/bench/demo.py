@@ -69,25 +69,39 @@ def run_demo(model: str = "smollm2", draft: str = "dspark", schedule: str = "bud
     progress(f"ready in {time.perf_counter() - started:.1f} s on backend {spec.backend.name}\n")
 
     bold = (lambda text: f"\033[1m{text}\033[0m") if sys.stdout.isatty() else (lambda text: text)
-    spec_ids, spec_seconds, rounds, round_tokens = [], 0.0, 0, 0.0
-    for text, prompt in zip(DEMO_PROMPTS[model], prompts):
+
+    def decode(engine, prompt, echo: bool) -> tuple:
+        """(token ids, seconds) of one streamed answer: both engines stream, so both pay the same
+        per-event costs; only the speculative one is shown."""
+        tick, ids = time.perf_counter(), []
+        for event in engine.stream([prompt], params):
+            ids += event.token_ids
+            if echo and show and event.text:
+                show(event.text)
+        return ids, time.perf_counter() - tick
+
+    spec_ids, plain_ids, spec_seconds, plain_seconds, rounds, round_tokens = [], [], 0.0, 0.0, 0, 0.0
+    for index, (text, prompt) in enumerate(zip(DEMO_PROMPTS[model], prompts)):
+        # Each prompt decodes plainly right next to its speculative run, first on odd prompts, so a
+        # machine whose speed drifts during the demo moves both sides alike.
+        if index % 2:
+            ids, seconds = decode(plain, prompt, echo=False)
+            plain_ids.append(ids)
+            plain_seconds += seconds
         if show:
             show(f"{bold('user:')} {text}\n{bold(f'assistant ({draft}):')} ")
-        tick, ids = time.perf_counter(), []
-        for event in spec.stream([prompt], params):
-            ids += event.token_ids
-            if show and event.text:
-                show(event.text)
-        spec_seconds += time.perf_counter() - tick
+        ids, seconds = decode(spec, prompt, echo=True)
         spec_ids.append(ids)
-        drafted = [r for r in spec.round_log if r.get("drafted")]
+        spec_seconds += seconds
+        drafted = [r for r in spec.round_log if r.get("drafted")]   # the log restarts with each answer
         rounds += len(drafted)
         round_tokens += sum(float(r["accepted"].sum()) + 1 for r in drafted)
         if show:
             show("\n\n")
-    tick = time.perf_counter()
-    plain_ids = [plain.generate([p], params)[0].token_ids for p in prompts]
-    plain_seconds = time.perf_counter() - tick
+        if not index % 2:
+            ids, seconds = decode(plain, prompt, echo=False)
+            plain_ids.append(ids)
+            plain_seconds += seconds
     tokens = sum(len(ids) for ids in spec_ids)
     return DemoResult(model, draft, schedule, spec.backend.name, tokens,
                       sum(len(i) for i in plain_ids) / plain_seconds, tokens / spec_seconds,
