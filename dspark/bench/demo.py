@@ -80,14 +80,12 @@ def run_demo(model: str = "smollm2", draft: str = "dspark", schedule: str = "bud
                 show(event.text)
         return ids, time.perf_counter() - tick
 
-    spec_ids, plain_ids, spec_seconds, plain_seconds, rounds, round_tokens = [], [], 0.0, 0.0, 0, 0.0
+    spec_ids, plain_runs, spec_seconds, rounds, round_tokens = [], [], 0.0, 0, 0.0
     for index, (text, prompt) in enumerate(zip(DEMO_PROMPTS[model], prompts)):
         # Each prompt decodes plainly right next to its speculative run, first on odd prompts, so a
         # machine whose speed drifts during the demo moves both sides alike.
         if index % 2:
-            ids, seconds = decode(plain, prompt, echo=False)
-            plain_ids.append(ids)
-            plain_seconds += seconds
+            plain_runs.append(decode(plain, prompt, echo=False))
         if show:
             show(f"{bold('user:')} {text}\n{bold(f'assistant ({draft}):')} ")
         ids, seconds = decode(spec, prompt, echo=True)
@@ -99,9 +97,9 @@ def run_demo(model: str = "smollm2", draft: str = "dspark", schedule: str = "bud
         if show:
             show("\n\n")
         if not index % 2:
-            ids, seconds = decode(plain, prompt, echo=False)
-            plain_ids.append(ids)
-            plain_seconds += seconds
+            plain_runs.append(decode(plain, prompt, echo=False))
+    plain_ids = [ids for ids, _ in plain_runs]
+    plain_seconds = sum(seconds for _, seconds in plain_runs)
     tokens = sum(len(ids) for ids in spec_ids)
     return DemoResult(model, draft, schedule, spec.backend.name, tokens,
                       sum(len(i) for i in plain_ids) / plain_seconds, tokens / spec_seconds,

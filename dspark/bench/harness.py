@@ -579,7 +579,8 @@ def run_benchmark(models: Models, sets: dict, settings: BenchSettings, sections=
     ledger = LosslessLedger(models)
     if models.drafts:
         settings = replace(settings, block_size=max(models.block_size(name) for name in models.drafts))
-    results = {"settings": asdict(settings), "block_sizes": {name: models.block_size(name) for name in models.drafts}, "datasets": {k: len(v) for k, v in sets.items()},
+    results = {"settings": asdict(settings), "block_sizes": {name: models.block_size(name) for name in models.drafts},
+               "datasets": {k: len(v) for k, v in sets.items()},
                "target": models.target_dir.name, "machine": machine_description(), "backend": models.backend.name,
                "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     timings = {}
