@@ -145,9 +145,10 @@ class Backend:
     def sample(self, probs, uniforms):
         return ops.sample_from_probs(probs, uniforms)
 
-    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None, **hints):
+    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None, token_ids=None,
+              **hints):
         return ops.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition,
-                                      **hints)
+                                      token_ids, **hints)
 
     def verify(self, draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms):
         return ops.verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms)

@@ -101,12 +101,14 @@ class CUDABackend(Backend):
                                           sample_uniforms)
         return ops.VerifyResult(output_tokens=tokens, num_accepted=accepted, num_emitted=accepted + 1)
 
-    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None, **hints):
+    def draft(self, base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition=None, token_ids=None,
+              **hints):
         kernels = self.triton_kernels
         # The kernel samples with temperature only; top-k / top-p (or unknown hints) take the reference.
         if kernels is None or hints.get("filtered") is not False:
-            return super().draft(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition, **hints)
-        return kernels.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, transition)
+            return super().draft(base_logits, anchor_ids, uniforms, temperature, top_k, top_p, transition, token_ids,
+                                 **hints)
+        return kernels.sample_draft_block(base_logits, anchor_ids, uniforms, temperature, transition, token_ids)
 
     def device_prior(self) -> str:
         name = torch.cuda.get_device_name(self.device).lower()

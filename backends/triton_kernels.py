@@ -155,9 +155,9 @@ def _sample_step_kernel(logits_ptr, temperature_ptr, uniforms_ptr, probs_ptr, to
     tl.store(tokens_ptr + row * tokens_stride, tl.minimum(below, vocab - 1))
 
 
-def sample_draft_block(base_logits, anchor_ids, uniforms, temperature, transition=None):
+def sample_draft_block(base_logits, anchor_ids, uniforms, temperature, transition=None, token_ids=None):
     """`ops.sample_draft_block` for unfiltered sampling (no top-k / top-p): returns
-    (tokens [R, gamma], probs [R, gamma, V] float32, prev_ids [R, gamma])."""
+    (tokens [R, gamma] token ids, probs [R, gamma, V] float32 in column order, prev_ids [R, gamma])."""
     rows, gamma, vocab = base_logits.shape
     device = base_logits.device
     tokens = torch.empty(rows, gamma, dtype=torch.long, device=device)
@@ -175,6 +175,8 @@ def sample_draft_block(base_logits, anchor_ids, uniforms, temperature, transitio
             _sample_step_kernel[(rows,)](logits, temperature, uniforms[:, k:], probs[:, k], tokens[:, k:],
                                          logits.stride(0), uniforms.stride(0), probs.stride(0), tokens.stride(0),
                                          vocab, BLOCK_V=_block(vocab))
+        if token_ids is not None:               # the kernel wrote columns of a reduced vocabulary
+            tokens[:, k] = token_ids[tokens[:, k]]
         prevs.append(prev)
         prev = tokens[:, k]
     prev_ids = torch.stack(prevs, dim=1) if prevs else anchor_ids.new_zeros(rows, 0)

@@ -7,6 +7,11 @@ and samples x_k from it before moving to k + 1. The corrected p_k -- after the
 request's temperature / top-k / top-p -- is *the* draft distribution that
 verification must use. Without a transition (DFlash) every position is
 independent and the whole block is sampled at once.
+
+With a reduced draft vocabulary the sampler works over the draft's own columns
+(`token_ids` maps each column to its target token id): the distributions are the
+same as over the full vocabulary with zero mass outside, at a fraction of the
+width, and the caller expands them once at the end.
 """
 from typing import Callable, Optional
 
@@ -35,15 +40,23 @@ def sample_draft_block(
     top_k: torch.Tensor,        # [R]
     top_p: torch.Tensor,        # [R]
     transition: Optional[Transition] = None,
+    token_ids: Optional[torch.Tensor] = None,  # [V] long: the token id of each column (None: the column)
     **hints,  # all_greedy / filtered, passed to `sampling_probs`
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample a draft block. Returns (draft_tokens [R, gamma], draft_probs [R, gamma, V],
-    prev_ids [R, gamma]) where prev_ids[:, k] = x_{k-1} (the anchor for k = 0)."""
+    prev_ids [R, gamma]) where prev_ids[:, k] = x_{k-1} (the anchor for k = 0). Tokens and
+    prev_ids are token ids (`token_ids` applied); probs stay in column order. The transition
+    receives token ids and returns biases over the V columns."""
     num_rows, gamma, _ = base_logits.shape
     assert anchor_ids.shape == (num_rows,) and uniforms.shape == (num_rows, gamma)
     # Greedy rows get one-hot distributions, which inverse-CDF sampling maps to their argmax for
     # any uniform: with every row greedy, take the argmax directly (the same tokens, less work).
-    sample = (lambda probs, _: probs.argmax(dim=-1)) if hints.get("all_greedy") else sample_from_probs
+    draw = (lambda probs, _: probs.argmax(dim=-1)) if hints.get("all_greedy") else sample_from_probs
+
+    def sample(probs, u):
+        column = draw(probs, u)
+        return column if token_ids is None else token_ids[column]
+
     if transition is None:
         probs = sampling_probs(base_logits, temperature, top_k, top_p, **hints)
         tokens = sample(probs, uniforms)

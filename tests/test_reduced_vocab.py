@@ -79,3 +79,42 @@ def test_draft_vocabulary_maps_round_trip_and_are_checked(small_target, tmp_path
     save_file(weights, str(tmp_path / "d" / "model.safetensors"))
     with pytest.raises(dspark.CheckpointError, match="d2t and t2d do not describe the same set"):
         load_draft(path, None)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "temperature", "filtered"])
+def test_sampling_over_the_draft_columns_equals_sampling_over_the_full_vocabulary(mode):
+    """`ops.sample_draft_block` with `token_ids` (the DSpark draft's path with a reduced vocabulary)
+    against the same block over the full vocabulary with -inf logits and zero biases outside the
+    draft's tokens (the path it replaced): the same tokens and prev_ids, the same distributions
+    once spread over the full vocabulary. Fresh random logits and Markov weights."""
+    from ops import markov_bias, sample_draft_block
+
+    g = torch.Generator().manual_seed(11)
+    rows, gamma, vocab, rank = 16, 4, 40, 5
+    ids = torch.randperm(vocab, generator=g)[:17].sort().values                     # the draft's tokens
+    base = torch.randn(rows, gamma, ids.numel(), generator=g, dtype=torch.float64) * 2
+    w1 = torch.randn(vocab, rank, generator=g, dtype=torch.float64)                 # by previous token id
+    w2 = torch.randn(ids.numel(), rank, generator=g, dtype=torch.float64)          # to the draft columns
+    anchors = torch.randint(0, vocab, (rows,), generator=g)
+    uniforms = torch.rand(rows, gamma, generator=g, dtype=torch.float64)
+    temperature = torch.zeros(rows) if mode == "greedy" else torch.rand(rows, generator=g) + 0.3
+    top_k = torch.randint(0, 8, (rows,), generator=g) if mode == "filtered" else torch.zeros(rows, dtype=torch.long)
+    top_p = torch.rand(rows, generator=g) * 0.5 + 0.5 if mode == "filtered" else torch.ones(rows)
+    hints = {"all_greedy": mode == "greedy", "filtered": mode == "filtered"}
+
+    def spread(values, fill):
+        out = values.new_full(values.shape[:-1] + (vocab,), fill)
+        out[..., ids] = values
+        return out
+
+    full = sample_draft_block(spread(base, float("-inf")), anchors, uniforms, temperature, top_k, top_p,
+                              lambda k, prev, state: (spread(markov_bias(prev, w1, w2), 0.0), None), **hints)
+    narrow = sample_draft_block(base, anchors, uniforms, temperature, top_k, top_p,
+                                lambda k, prev, state: (markov_bias(prev, w1, w2), None), ids, **hints)
+    assert torch.equal(narrow[0], full[0]) and torch.equal(narrow[2], full[2])
+    assert bool(torch.isin(narrow[0], ids).all())
+    # sampling_probs works in float32: a softmax over 17 columns and one over 40 (23 of them zero)
+    # round their sums differently in the last bits.
+    torch.testing.assert_close(spread(narrow[1], 0.0), full[1], rtol=1e-6, atol=1e-7)
+    if mode != "greedy":
+        assert len(set(narrow[0].flatten().tolist())) > 3          # the uniforms drew varied tokens

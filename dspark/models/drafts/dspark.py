@@ -122,7 +122,8 @@ class DSparkDraft(nn.Module):
     def backbone(self, anchor_ids, start_positions, slots, cache: KVCache, backend, slot_range=None,
                  ctx_len: Optional[int] = None):
         """One parallel pass over the block. Returns (hidden [R, gamma, d] after the final norm,
-        base logits U [R, gamma, V])."""
+        base logits U [R, gamma, V'] over the draft's vocabulary: `full_vocab` maps them to the
+        target's)."""
         cfg = self.config
         block_len = cfg.block_size if cfg.anchor_as_first else cfg.block_size + 1
         r = anchor_ids.shape[0]
@@ -140,7 +141,7 @@ class DSparkDraft(nn.Module):
             ctx_k, ctx_v = cache.read(i, slots, ctx_len, slot_range)
             x = layer(x, cos, sin, ctx_k, ctx_v, mask, backend)
         hidden = self.norm(x if cfg.anchor_as_first else x[:, 1:])
-        return hidden, self.full_vocab(self.lm_head(hidden), float("-inf"))
+        return hidden, self.lm_head(hidden)
 
     def full_vocab(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """[..., Vd] over the draft vocabulary -> [..., V] (identity without a reduced vocabulary)."""
@@ -190,18 +191,16 @@ class DSparkDraft(nn.Module):
         """Draft one block per request. anchor_ids, start_positions, slots: [R]; uniforms: [R, gamma].
         hints: host-known sampling hints for `ops.sampling_probs` (all_greedy, filtered)."""
         hidden, base_logits = self.backbone(anchor_ids, start_positions, slots, cache, backend, slot_range, ctx_len)
+        # The sequential stage samples over the draft's vocabulary (its Markov biases are over it
+        # too): a reduced vocabulary of V/3 makes every step a third as wide. Only the finished
+        # distributions are spread over the target's vocabulary, with zero mass outside.
         transition = self.markov_head.transition(hidden) if self.markov_head is not None else None
-        if transition is not None and self.config.reduced_vocab:
-            step = transition
-
-            def transition(k, prev_ids, state):          # biases over the full vocabulary
-                bias, state = step(k, prev_ids, state)
-                return self.full_vocab(bias, 0.0), state
+        token_ids = DraftVocab.target_ids(self) if self.config.reduced_vocab else None
         base_logits = base_logits.float()
         tokens, probs, prev_ids = backend.draft(base_logits, anchor_ids, uniforms,
-                                                temperature, top_k, top_p, transition, **hints)
-        return DraftProposal(tokens=tokens, probs=probs, confidence_logits=self.confidence_logits(hidden, prev_ids),
-                             logits=base_logits)
+                                                temperature, top_k, top_p, transition, token_ids, **hints)
+        return DraftProposal(tokens=tokens, probs=self.full_vocab(probs, 0.0),
+                             confidence_logits=self.confidence_logits(hidden, prev_ids), logits=base_logits)
 
 
 def block_attention_mask(anchors: torch.Tensor, keep: torch.Tensor, length: int, block_len: int) -> torch.Tensor:
