@@ -153,6 +153,10 @@ class Backend:
     def verify(self, draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms):
         return ops.verify(draft_tokens, draft_probs, target_probs, verify_lens, accept_uniforms, sample_uniforms)
 
+    def verify_greedy(self, draft_tokens, target_logits, verify_lens):
+        """`verify` when every request is greedy, from the target's logits (argmaxes only)."""
+        return ops.verify_greedy(draft_tokens, target_logits, verify_lens)
+
     # Verify-length schedulers (the planner in dspark.scheduling decides which one a round runs).
     def schedule_threshold(self, confidence, threshold: float):
         return ops.schedule_threshold(confidence, threshold)

@@ -21,7 +21,7 @@ Vocabulary used throughout (as in the DSpark paper, §2 and §3):
     emitted   = accepted + (recovered or bonus): always at least one token
 """
 from .sampling import sample_from_probs, sampling_probs
-from .verify import PLACEHOLDER_TOKEN_ID, VerifyResult, truncate_at_stop, verify
+from .verify import PLACEHOLDER_TOKEN_ID, VerifyResult, truncate_at_stop, verify, verify_greedy
 from .draft import markov_bias, sample_draft_block
 from .schedule import (SCHEDULE_MODES, plan_budget, ranked_candidates, schedule_causal, schedule_fixed,
                        schedule_threshold, schedule_topk, survival, throughput_path)
@@ -44,4 +44,5 @@ __all__ = [
     "survival",
     "truncate_at_stop",
     "verify",
+    "verify_greedy",
 ]

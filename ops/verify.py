@@ -72,6 +72,37 @@ def verify(
     return VerifyResult(output_tokens=output, num_accepted=num_accepted, num_emitted=num_accepted + 1)
 
 
+def verify_greedy(
+    draft_tokens: torch.Tensor,   # [R, gamma] long
+    target_logits: torch.Tensor,  # [R, gamma + 1, V] target logits after [anchor, d_1 .. d_gamma]
+    verify_lens: torch.Tensor,    # [R] long, 0 <= l <= gamma; positions >= l are ignored
+) -> VerifyResult:
+    """`verify` for a batch whose every request is greedy, without building distributions.
+
+    With greedy sampling the target's distribution at each position is the point mass at its
+    argmax a_k (`sampling_probs`), so in `verify` p_target(d_k) is 1 when d_k = a_k and 0 otherwise:
+    the draft is accepted exactly when it equals the argmax, whatever the draft's own probabilities
+    and uniforms were (u * p_draft < 1 always holds, u * p_draft < 0 never does). At the first
+    rejection the residual max(onehot(a_k) - p_draft, 0) has all its mass on a_k (or none, when the
+    draft put all of its mass there, and then `verify` draws from p_target = onehot(a_k)), and the
+    bonus token is a_k too. So the result is `verify`'s, token for token, from argmaxes alone: no
+    [R, gamma + 1, V] one-hot tensors, no residual and no inverse CDF over the vocabulary.
+    """
+    num_rows, gamma = draft_tokens.shape
+    assert target_logits.shape[:2] == (num_rows, gamma + 1), f"target_logits {tuple(target_logits.shape)}"
+    assert verify_lens.shape == (num_rows,)
+    argmax = target_logits.argmax(dim=-1)                                     # [R, gamma + 1]
+    scheduled = torch.arange(gamma, device=draft_tokens.device) < verify_lens.unsqueeze(-1)
+    num_accepted = ((draft_tokens == argmax[:, :gamma]) & scheduled).long().cumprod(dim=-1).sum(dim=-1)
+    positions = torch.arange(gamma + 1, device=draft_tokens.device)
+    padded_tokens = torch.cat([draft_tokens, draft_tokens.new_full((num_rows, 1), PLACEHOLDER_TOKEN_ID)], dim=1)
+    output = torch.where(positions < num_accepted.unsqueeze(-1), padded_tokens,
+                         torch.full_like(padded_tokens, PLACEHOLDER_TOKEN_ID))
+    rows = torch.arange(num_rows, device=draft_tokens.device)
+    output[rows, num_accepted] = argmax[rows, num_accepted]
+    return VerifyResult(output_tokens=output, num_accepted=num_accepted, num_emitted=num_accepted + 1)
+
+
 def truncate_at_stop(
     tokens: torch.Tensor,       # [R, T] emitted tokens, PLACEHOLDER after num_emitted
     num_emitted: torch.Tensor,  # [R]

@@ -81,6 +81,30 @@ def test_verify_greedy_hand_computed():
     assert result.num_emitted.tolist() == [4, 2, 2]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verify_greedy_from_logits_equals_verify_on_one_hot_distributions(seed):
+    """The engine's all-greedy path (argmaxes only) against the distribution path it replaces, on
+    fresh random logits with ties (logits rounded to a few values), drafts that match the argmax
+    for a random prefix, draft distributions that are not one-hot, random uniforms and lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows, gamma, vocab = 64, 5, 12
+    logits = (torch.randn(rows, gamma + 1, vocab, generator=g) * 2).round()      # many ties
+    argmax = logits.argmax(-1)
+    matched = torch.arange(gamma) < torch.randint(0, gamma + 1, (rows, 1), generator=g)
+    draft_tokens = torch.where(matched, argmax[:, :gamma], torch.randint(0, vocab, (rows, gamma), generator=g))
+    draft_probs = torch.rand(rows, gamma, vocab, generator=g).pow(3).softmax(-1)
+    draft_probs[:rows // 2] = torch.nn.functional.one_hot(draft_tokens[:rows // 2], vocab).float()
+    lens = torch.randint(0, gamma + 1, (rows,), generator=g)
+    greedy = (torch.zeros(rows), torch.zeros(rows, dtype=torch.long), torch.ones(rows))
+    reference = ops.verify(draft_tokens, draft_probs, ops.sampling_probs(logits, *greedy), lens,
+                           torch.rand(rows, gamma, generator=g), torch.rand(rows, generator=g))
+    fast = ops.verify_greedy(draft_tokens, logits, lens)
+    assert torch.equal(fast.output_tokens, reference.output_tokens)
+    assert torch.equal(fast.num_accepted, reference.num_accepted)
+    assert torch.equal(fast.num_emitted, reference.num_emitted)
+    assert 0 < int(reference.num_accepted.sum()) < int(lens.sum())            # both outcomes occur
+
+
 def test_verify_zero_length_is_plain_sampling():
     target_probs = torch.tensor([[[0.1, 0.6, 0.3]]])
     result = ops.verify(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 3), target_probs,

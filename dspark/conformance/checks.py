@@ -109,8 +109,10 @@ def check_verify_bit_exact(backend: Backend, dtype: torch.dtype, tol: dict):
 
 
 def check_verify_greedy(backend: Backend, dtype: torch.dtype, tol: dict):
-    """Greedy acceptance from logits in `dtype` on the device vs float64 on the CPU, skipping
-    (and counting) positions whose reference top-two logits are within the near-tie tolerance."""
+    """Greedy acceptance from logits in `dtype` on the device vs float64 on the CPU, both through
+    one-hot distributions (`sampling_probs` + `verify`) and through `verify_greedy` (argmaxes only,
+    the engine's path when every request is greedy), skipping (and counting) rows whose reference
+    top-two logits are within the near-tie tolerance somewhere."""
     g = _generator(5)
     rows, gamma, vocab = 48, 4, 40
     target_logits = torch.randn(rows, gamma + 1, vocab, generator=g, dtype=torch.float64) * 2
@@ -120,7 +122,7 @@ def check_verify_greedy(backend: Backend, dtype: torch.dtype, tol: dict):
     top2 = target_logits.topk(2, dim=-1).values
     tie = (top2[..., 0] - top2[..., 1]) < tol["near_tie"]                              # [R, gamma + 1]
     keep = ~tie.any(dim=-1)
-    lens = torch.full((rows,), gamma)
+    lens = torch.randint(0, gamma + 1, (rows,), generator=g)
     zeros = torch.zeros(rows, gamma), torch.zeros(rows)
 
     def run_on(target, device, cast):
@@ -131,8 +133,11 @@ def check_verify_greedy(backend: Backend, dtype: torch.dtype, tol: dict):
 
     reference = run_on(get_backend("cpu"), torch.device("cpu"), lambda t: t)
     got = run_on(backend, backend.device, lambda t: t.to(backend.device, dtype))
-    same = torch.equal(got.output_tokens.cpu()[keep], reference.output_tokens[keep])
-    return same, f"{int(keep.sum())} rows exact, {int((~keep).sum())} near-tie rows skipped"
+    d = backend.device
+    fast = backend.verify_greedy(draft_tokens.to(d), target_logits.to(d, dtype), lens.to(d))
+    same = all(torch.equal(r.output_tokens.cpu()[keep], reference.output_tokens[keep]) and
+               torch.equal(r.num_accepted.cpu()[keep], reference.num_accepted[keep]) for r in (got, fast))
+    return same, f"{int(keep.sum())} rows exact (distributions and argmaxes), {int((~keep).sum())} near-tie rows skipped"
 
 
 def check_verify_sampled(backend: Backend, dtype: torch.dtype, tol: dict):

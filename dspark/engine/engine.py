@@ -580,10 +580,12 @@ class Engine:
         query_lens = verify_lens + 1
         logits, hidden, batch = self.verify_step.run(torch.cat([anchors.unsqueeze(1), drafts[0]], dim=1), query_lens,
                                                      starts, slots, len(requests) + num_verify)
-        target_probs = self.backend.sampling_probs(logits, *sampling, **hints)
-        width = drafts[0].shape[1]
-        result = self.backend.verify(drafts[0], drafts[1], target_probs, verify_lens,
-                                     uniforms[:, gamma:gamma + width], uniforms[:, 2 * gamma])
+        if hints["all_greedy"]:                  # argmaxes decide: no one-hot [R, W + 1, V] distributions
+            result = self.backend.verify_greedy(drafts[0], logits, verify_lens)
+        else:
+            width = drafts[0].shape[1]
+            result = self.backend.verify(drafts[0], drafts[1], self.backend.sampling_probs(logits, *sampling, **hints),
+                                         verify_lens, uniforms[:, gamma:gamma + width], uniforms[:, 2 * gamma])
         deliveries = self._commit(requests, result, verify_lens, logits, hidden, batch, proposal, record)
         ended = time.perf_counter()
         record.update(verify_tokens=len(requests) + num_verify, host_syncs=self.backend.host_syncs - syncs_before,
