@@ -118,3 +118,39 @@ def test_sampling_over_the_draft_columns_equals_sampling_over_the_full_vocabular
     torch.testing.assert_close(spread(narrow[1], 0.0), full[1], rtol=1e-6, atol=1e-7)
     if mode != "greedy":
         assert len(set(narrow[0].flatten().tolist())) > 3          # the uniforms drew varied tokens
+
+
+@pytest.mark.parametrize("mode", ["greedy", "temperature", "filtered"])
+def test_eagle3_chain_samples_over_the_draft_columns_as_over_the_full_vocabulary(small_target, tmp_path, mode):
+    """EAGLE-3's chain filters and samples each step over its own columns. Every step, recorded
+    while the engine serves, must give the token and the distribution that the full-vocabulary
+    path it replaced gives from the same logits and uniform: the step's logits spread over the
+    target vocabulary with -inf outside the draft's tokens, filtered and sampled there."""
+    from dspark import ops
+
+    engine = dspark.Engine.from_pretrained(small_target, draft=reduced_draft(small_target, tmp_path / "e3", "eagle3",
+                                                                             seed=3))
+    steps, propose = [], engine.draft.propose
+
+    def recording(anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p, *a, **kw):
+        proposal = propose(anchor_ids, start_positions, slots, cache, backend, uniforms, temperature, top_k, top_p,
+                           *a, **kw)
+        steps.append((proposal, uniforms, (temperature, top_k, top_p)))
+        return proposal
+
+    engine.draft.propose = recording
+    sampled = {"greedy": {}, "temperature": dict(temperature=0.9), "filtered": dict(temperature=1.1, top_k=3, top_p=0.8)}
+    params = [dspark.SamplingParams(max_new_tokens=12, ignore_eos=True, seed=s, **sampled[mode]) for s in range(6)]
+    engine.generate([PROMPT] * 6, params)
+    assert steps
+    tokens_seen = set()
+    for proposal, uniforms, sampling in steps:
+        for k in range(proposal.tokens.shape[1]):
+            full = ops.sampling_probs(DraftVocab.expand(engine.draft, proposal.logits[:, k].float(), float("-inf")),
+                                      *sampling)
+            assert torch.equal(proposal.tokens[:, k], ops.sample_from_probs(full, uniforms[:, k]))
+            torch.testing.assert_close(proposal.probs[:, k], full, rtol=1e-6, atol=1e-7)
+            tokens_seen.update(proposal.tokens[:, k].tolist())
+    assert tokens_seen <= set(DRAFT_TOKENS)
+    if mode != "greedy":
+        assert len(tokens_seen) > 1

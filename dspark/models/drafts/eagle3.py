@@ -251,26 +251,31 @@ class Eagle3Draft(nn.Module):
         anchor_ids [R] (x_n, not yet in the cache), start_positions [R] (n >= 1: the number of
         verified positions), slots [R]; uniforms [R, gamma]; temperature / top_k / top_p [R].
         Step k samples d_{k+1} from the request's filtered distribution with uniforms[:, k];
-        that distribution is the one verification uses."""
+        that distribution is the one verification uses. With a reduced vocabulary each step
+        filters and samples over the draft's own columns, and only the finished distributions are
+        spread over the target's vocabulary (zero mass elsewhere: the same distribution)."""
         num, gamma = anchor_ids.shape[0], self.gamma
         assert start_positions.shape == (num,) and slots.shape == (num,), "anchor_ids, start_positions, slots: [R]"
         assert uniforms.shape == (num, gamma), f"uniforms must be [{num}, {gamma}], got {tuple(uniforms.shape)}"
         max_len = cache.kv.max_len
         first_length = int(start_positions.max()) + 1        # keys 0..n of the longest request
         features = cache.features[slots, start_positions - 1].to(self.fc.weight.dtype)   # [R, d] g_{n-1}
+        column_ids = DraftVocab.target_ids(self) if self.config.reduced_vocab else None      # [V'] or None
         token_ids, tokens, probs, logits = anchor_ids, [], [], []
         for k in range(gamma):
             hidden = self._chain_step(token_ids, features, start_positions + k, slots, cache,
                                       min(first_length + k, max_len), backend, slot_range)       # [R, d]
             logits.append(self.lm_head(self.norm(hidden)))                       # [R, V'] the draft's vocabulary
-            step_probs = backend.sampling_probs(self._to_target_vocab(logits[-1]), temperature, top_k, top_p,
-                                                **hints)                                       # [R, V]
-            token_ids = backend.sample(step_probs, uniforms[:, k])                               # [R]
+            step_probs = backend.sampling_probs(logits[-1], temperature, top_k, top_p, **hints)  # [R, V']
+            columns = backend.sample(step_probs, uniforms[:, k])                                 # [R]
+            token_ids = columns if column_ids is None else column_ids[columns]
             tokens.append(token_ids)
             probs.append(step_probs)
             features = hidden
-        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=torch.stack(probs, dim=1),
-                             logits=torch.stack(logits, dim=1))
+        probs = torch.stack(probs, dim=1)
+        if column_ids is not None:
+            probs = DraftVocab.expand(self, probs, 0.0)                                          # [R, gamma, V]
+        return DraftProposal(tokens=torch.stack(tokens, dim=1), probs=probs, logits=torch.stack(logits, dim=1))
 
 
 register_draft_algorithm(DraftAlgorithm(
