@@ -50,7 +50,6 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .. import ops
 from ..backends import Backend, get_backend
 from ..errors import ConfigError, DataError
 from ..models import load_draft, load_target, resolve_model
@@ -791,14 +790,16 @@ class Engine:
     def _emit(self, r: Request, tokens: list) -> list:
         """Append emitted tokens, cut at a stop token / stop string / max_new_tokens / the context end."""
         tokens = tokens[:r.room(self.max_model_len)]
-        stops = torch.tensor([r.stop_ids or [ops.PLACEHOLDER_TOKEN_ID]])
-        kept, stopped = ops.truncate_at_stop(torch.tensor([tokens]), torch.tensor([len(tokens)]), stops)
-        tokens = tokens[:int(kept[0])]
+        # The first stop token ends the request; it is kept (ops.truncate_at_stop's rule, on the host
+        # list: a few tokens per request and round, where tensor ops cost ~0.1 ms a request).
+        stopped = next((i for i, token in enumerate(tokens) if token in r.stop_ids), None)
+        if stopped is not None:
+            tokens = tokens[:stopped + 1]
         before = len(r.output_ids)
         r.output_ids += tokens
         if tokens:
             r.anchor = tokens[-1]
-        if bool(stopped[0]) or self._stop_string(r, len(tokens)):
+        if stopped is not None or self._stop_string(r, len(tokens)):
             r.finish_reason = "stop"
         elif r.room(self.max_model_len) <= 0:
             r.finish_reason = "length"
