@@ -144,9 +144,11 @@ def test_splice_markdown_replaces_only_the_bench_section(tmp_path):
 
 
 def test_bench_quick_runs_every_section_losslessly(tmp_path):
-    """`dspark bench --quick` as CI runs it: all sections, a results JSON and Markdown tables."""
+    """`dspark bench --quick`, cut further to fit the suite's time (one prompt per set, 12 tokens,
+    two loads): every section, the lossless ledger, a results JSON and Markdown tables."""
     result = subprocess.run([sys.executable, "-m", "dspark", "bench", "--quick", "--out", str(tmp_path),
-                             "--backend", "cpu"], capture_output=True, text=True, timeout=600)
+                             "--backend", "cpu", "--prompts-per-dataset", "1", "--max-new-tokens", "12",
+                             "--concurrency", "1,4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["lossless"]["mismatches"] == 0 and results["lossless"]["outputs_compared"] > 0
@@ -158,7 +160,7 @@ def test_bench_quick_runs_every_section_losslessly(tmp_path):
     assert "transformers generate()" in methods and "transformers assisted generation" in methods
     assert all(r["identical_to_plain"].split("/")[0] == r["identical_to_plain"].split("/")[1]
                for r in results["speed"] if r["method"].startswith("dspark"))
-    assert [r["concurrency"] for r in results["concurrency"]] == [1, 8, 32]
+    assert [r["concurrency"] for r in results["concurrency"]] == [1, 4]
     markdown = (tmp_path / "results.md").read_text()
     assert "macro average" in markdown and "x transformers generate()" in markdown and "| requests |" in markdown
 

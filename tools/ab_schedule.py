@@ -8,13 +8,22 @@ time of the rounds that did not draft, and how many rounds drafted.
 
     python tools/ab_schedule.py --requests 64 --repeats 2 --modes none,budget
     python tools/ab_schedule.py --requests 4 --max-new-tokens 512 --modes none,budget
+    python tools/ab_schedule.py --requests 64 --modes none,fixed3 --distribution-verify
+
+`--distribution-verify` adds, for every mode, a run whose greedy rounds verify the way they did
+before commit 7ace07d: one-hot target distributions from `sampling_probs`, then `verify` (its
+draft distributions are rebuilt one-hot from the draft tokens, one scatter more than the old
+path paid, which read the proposal's own).
 
 Greedy, exactly --max-new-tokens per request, prompts from the eval sets interleaved (as the bench).
 """
 import argparse
+import contextlib
 import gc
 import statistics
 import time
+
+import torch
 
 MODES = {
     "none": (None, {}),
@@ -29,38 +38,68 @@ MODES = {
 }
 
 
+@contextlib.contextmanager
+def distribution_verify(backend):
+    """Greedy rounds through one-hot distributions and `verify` (the path before 7ace07d)."""
+    fast = backend.verify_greedy
+
+    def through_distributions(draft_tokens, target_logits, verify_lens):
+        rows, width, vocab = draft_tokens.shape[0], draft_tokens.shape[1], target_logits.shape[-1]
+        greedy = (torch.zeros(rows), torch.zeros(rows, dtype=torch.long), torch.ones(rows))
+        target_probs = backend.sampling_probs(target_logits, *greedy, all_greedy=True, filtered=False)
+        draft_probs = torch.zeros(rows, width, vocab).scatter_(-1, draft_tokens.unsqueeze(-1), 1.0)
+        return backend.verify(draft_tokens, draft_probs, target_probs, verify_lens, torch.rand(rows, width),
+                              torch.rand(rows))
+
+    backend.verify_greedy = through_distributions
+    try:
+        yield
+    finally:
+        backend.verify_greedy = fast
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--modes", default="none,budget", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--distribution-verify", action="store_true",
+                        help="also run every mode with greedy verification through distributions (before 7ace07d)")
     args = parser.parse_args()
     labels = args.modes.split(",")
     unknown = [label for label in labels if label not in MODES]
+    if args.distribution_verify:
+        labels = [variant for label in labels for variant in (label, f"{label}/dist")]
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; valid: {', '.join(MODES)}")
 
     from dspark.bench.harness import Models, _greedy, find_eval_dir, in_flight_rate, load_prompt_sets
 
-    drafts = {MODES[label][0] for label in labels} - {None}
+    drafts = {MODES[label.split("/")[0]][0] for label in labels} - {None}
     models = Models.load("smollm2", {name: f"smollm2-{name}" for name in sorted(drafts)})
     sets = load_prompt_sets(find_eval_dir(), limit=16)
     pool = [models.encode(text) for group in zip(*sets.values()) for text in group]
     prompts = [pool[i % len(pool)] for i in range(args.requests)]
     length = max(len(p) for p in prompts) + args.max_new_tokens + 9
-    rates = {label: [] for label in labels}
+    rates, reference = {label: [] for label in labels}, {}
     for _ in range(args.repeats):
         for label in labels:
-            draft, options = MODES[label]
+            draft, options = MODES[label.split("/")[0]]
             engine = models.engine(draft, max_batch_size=args.requests, max_model_len=length, **options)
-            started = time.perf_counter()
-            outputs = engine.generate(prompts, _greedy(args.max_new_tokens, args.requests, ignore_eos=True))
-            seconds = time.perf_counter() - started
+            path = distribution_verify(engine.backend) if label.endswith("/dist") else contextlib.nullcontext()
+            with path:
+                started = time.perf_counter()
+                outputs = engine.generate(prompts, _greedy(args.max_new_tokens, args.requests, ignore_eos=True))
+                seconds = time.perf_counter() - started
+            tokens = [o.token_ids for o in outputs]
+            if label.endswith("/dist") and tokens != reference.get(label.split("/")[0], tokens):
+                print(f"{label}: outputs differ from the argmax path", flush=True)
+            reference.setdefault(label.split("/")[0], tokens)
             rates[label].append(sum(len(o.token_ids) for o in outputs) / seconds)
             rounds = [r for r in engine.round_log if "round_s" in r]
             plain = [r["round_s"] for r in rounds if not r.get("drafted")]
-            print(f"{label:8s} {rates[label][-1]:7.1f} tokens/s  "
+            print(f"{label:12s} {rates[label][-1]:7.1f} tokens/s  "
                   f"(all in flight: {in_flight_rate(engine.round_log, args.requests) or float('nan'):.1f})  "
                   f"rounds {len(rounds)}, drafted "
                   f"{sum(1 for r in rounds if r.get('drafted'))} (probes {sum(1 for r in rounds if r.get('probe'))}), "
