@@ -10,10 +10,11 @@ time of the rounds that did not draft, and how many rounds drafted.
     python tools/ab_schedule.py --requests 4 --max-new-tokens 512 --modes none,budget
     python tools/ab_schedule.py --requests 64 --modes none,fixed3 --distribution-verify
 
-`--distribution-verify` adds, for every mode, a run whose greedy rounds verify the way they did
-before commit 7ace07d: one-hot target distributions from `sampling_probs`, then `verify` (its
-draft distributions are rebuilt one-hot from the draft tokens, one scatter more than the old
-path paid, which read the proposal's own).
+Every run also prints the median time of one greedy verification (the acceptance test after the
+target's forward). `--distribution-verify` adds, for every mode, a run whose greedy rounds verify
+the way they did before commit 7ace07d: one-hot target distributions from `sampling_probs`, then
+`verify` (its draft distributions are rebuilt one-hot from the draft tokens, one scatter more than
+the old path paid, which read the proposal's own).
 
 Greedy, exactly --max-new-tokens per request, prompts from the eval sets interleaved (as the bench).
 """
@@ -39,11 +40,12 @@ MODES = {
 
 
 @contextlib.contextmanager
-def distribution_verify(backend):
-    """Greedy rounds through one-hot distributions and `verify` (the path before 7ace07d)."""
+def timed_greedy_verify(backend, seconds: list, through_distributions: bool = False):
+    """Time every greedy verification (its wall time into `seconds`); with `through_distributions`,
+    verify the way the engine did before 7ace07d: one-hot target distributions, then `verify`."""
     fast = backend.verify_greedy
 
-    def through_distributions(draft_tokens, target_logits, verify_lens):
+    def old_path(draft_tokens, target_logits, verify_lens):
         rows, width, vocab = draft_tokens.shape[0], draft_tokens.shape[1], target_logits.shape[-1]
         greedy = (torch.zeros(rows), torch.zeros(rows, dtype=torch.long), torch.ones(rows))
         target_probs = backend.sampling_probs(target_logits, *greedy, all_greedy=True, filtered=False)
@@ -51,7 +53,15 @@ def distribution_verify(backend):
         return backend.verify(draft_tokens, draft_probs, target_probs, verify_lens, torch.rand(rows, width),
                               torch.rand(rows))
 
-    backend.verify_greedy = through_distributions
+    path = old_path if through_distributions else fast
+
+    def timed(*args):
+        started = time.perf_counter()
+        result = path(*args)
+        seconds.append(time.perf_counter() - started)
+        return result
+
+    backend.verify_greedy = timed
     try:
         yield
     finally:
@@ -87,8 +97,8 @@ def main() -> None:
         for label in labels:
             draft, options = MODES[label.split("/")[0]]
             engine = models.engine(draft, max_batch_size=args.requests, max_model_len=length, **options)
-            path = distribution_verify(engine.backend) if label.endswith("/dist") else contextlib.nullcontext()
-            with path:
+            verify_s = []
+            with timed_greedy_verify(engine.backend, verify_s, through_distributions=label.endswith("/dist")):
                 started = time.perf_counter()
                 outputs = engine.generate(prompts, _greedy(args.max_new_tokens, args.requests, ignore_eos=True))
                 seconds = time.perf_counter() - started
@@ -103,7 +113,8 @@ def main() -> None:
                   f"(all in flight: {in_flight_rate(engine.round_log, args.requests) or float('nan'):.1f})  "
                   f"rounds {len(rounds)}, drafted "
                   f"{sum(1 for r in rounds if r.get('drafted'))} (probes {sum(1 for r in rounds if r.get('probe'))}), "
-                  f"plain round median {statistics.median(plain) * 1e3 if plain else float('nan'):.1f} ms", flush=True)
+                  f"plain round median {statistics.median(plain) * 1e3 if plain else float('nan'):.1f} ms, "
+                  f"greedy verify median {statistics.median(verify_s) * 1e3:.2f} ms", flush=True)
             del engine
             gc.collect()
     for label in labels:
