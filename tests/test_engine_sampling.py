@@ -90,6 +90,30 @@ def test_seeded_output_does_not_depend_on_batch_mates(bigram_qwen3):
     assert alone.stats["tau"] > 1.5
 
 
+def test_greedy_requests_decode_the_same_in_all_greedy_and_mixed_rounds(bigram_qwen3, monkeypatch):
+    """Rounds whose requests are all greedy verify from argmaxes (`verify_greedy`); a greedy
+    request that shares its rounds with sampled ones goes through distributions and `verify`.
+    Both must give it the same tokens, with the draft and without."""
+    target, draft = bigram_qwen3
+    greedy = dspark.SamplingParams(max_new_tokens=24, ignore_eos=True)
+    sampled = dspark.SamplingParams(max_new_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
+    prompts = [[5, 9, 2], [8] * 11, [3, 1, 4, 1, 5]]
+    for engine in (dspark.Engine.from_pretrained(target, draft=draft, max_batch_size=4),
+                   dspark.Engine.from_pretrained(target, max_batch_size=4)):
+        calls = {"verify_greedy": 0, "verify": 0}
+        for name in calls:
+            def counted(*args, _name=name, _inner=getattr(engine.backend, name)):
+                calls[_name] += 1
+                return _inner(*args)
+            monkeypatch.setattr(engine.backend, name, counted)
+        alone = engine.generate(prompts, greedy)
+        assert calls["verify_greedy"] > 0 and calls["verify"] == 0
+        mixed = engine.generate(prompts + [[2, 7]], [greedy] * 3 + [sampled])
+        assert calls["verify"] > 0
+        assert [o.token_ids for o in mixed[:3]] == [o.token_ids for o in alone]
+        monkeypatch.undo()
+
+
 def test_same_seed_reproduces_and_different_seeds_differ(bigram_qwen3):
     target, draft = bigram_qwen3
     engine = dspark.Engine.from_pretrained(target, draft=draft)
