@@ -63,12 +63,18 @@ def verify(
     use_residual = rejected & (residual.sum(dim=-1) > RESIDUAL_EPS)
     final_dist = torch.where(use_residual.unsqueeze(-1), residual, target_at)
     final_token = sample_from_probs(final_dist, sample_uniforms)    # [R]
+    return _result(draft_tokens, num_accepted, final_token)
 
+
+def _result(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, final_token: torch.Tensor) -> VerifyResult:
+    """[R, gamma + 1] output rows: the accepted drafts, the final (recovered or bonus) token, then
+    PLACEHOLDER."""
+    num_rows, gamma = draft_tokens.shape
     positions = torch.arange(gamma + 1, device=draft_tokens.device)
     padded_tokens = torch.cat([draft_tokens, draft_tokens.new_full((num_rows, 1), PLACEHOLDER_TOKEN_ID)], dim=1)
     output = torch.where(positions < num_accepted.unsqueeze(-1), padded_tokens,
                          torch.full_like(padded_tokens, PLACEHOLDER_TOKEN_ID))
-    output[rows, num_accepted] = final_token
+    output[torch.arange(num_rows, device=draft_tokens.device), num_accepted] = final_token
     return VerifyResult(output_tokens=output, num_accepted=num_accepted, num_emitted=num_accepted + 1)
 
 
@@ -94,13 +100,7 @@ def verify_greedy(
     argmax = target_logits.argmax(dim=-1)                                     # [R, gamma + 1]
     scheduled = torch.arange(gamma, device=draft_tokens.device) < verify_lens.unsqueeze(-1)
     num_accepted = ((draft_tokens == argmax[:, :gamma]) & scheduled).long().cumprod(dim=-1).sum(dim=-1)
-    positions = torch.arange(gamma + 1, device=draft_tokens.device)
-    padded_tokens = torch.cat([draft_tokens, draft_tokens.new_full((num_rows, 1), PLACEHOLDER_TOKEN_ID)], dim=1)
-    output = torch.where(positions < num_accepted.unsqueeze(-1), padded_tokens,
-                         torch.full_like(padded_tokens, PLACEHOLDER_TOKEN_ID))
-    rows = torch.arange(num_rows, device=draft_tokens.device)
-    output[rows, num_accepted] = argmax[rows, num_accepted]
-    return VerifyResult(output_tokens=output, num_accepted=num_accepted, num_emitted=num_accepted + 1)
+    return _result(draft_tokens, num_accepted, argmax.gather(1, num_accepted.unsqueeze(1)).squeeze(1))
 
 
 def truncate_at_stop(
