@@ -8,9 +8,10 @@ machine without Ascend's CANN toolkit merely importing it breaks `import torch`.
 for the package and the toolkit without importing anything.
 
 Attention. Decode / verify / prefill attention goes through
-`torch_npu.npu_fused_infer_attention_score` in the BSND layout: the models hand the backend
-padded per-request blocks (query [R, H, Q, D], keys [R, KVH, K, D] straight from the per-slot KV
-cache), which are BSND after a transpose back (a view, no copy, in the static step). The model's
+`torch_npu.npu_fused_infer_attention_score` in the BNSD layout: the models hand the backend
+padded per-request blocks (query [R, H, Q, D], keys [R, KVH, K, D] straight from the head-major
+per-slot KV cache; contiguous, so no copy, in the static step, which reads every slot's whole
+length), and the output comes back as [R, H, Q, D]. The model's
 boolean mask goes in inverted (`atten_mask`, True = masked, sparse_mode 0, shape [R, 1, Q, K]),
 so the kernel computes exactly the reference's masked softmax; `actual_seq_lengths_kv` carries the
 step's host-side per-request key bound (StepBatch.kv_lens = start + query width), so the kernel
@@ -183,11 +184,11 @@ class AscendBackend(Backend):
             self._capture.append((None if lengths is None else kv_lens, keys))
         blocked = (~mask).expand(rows, 1, queries, keys).contiguous()          # True = masked for the kernel
         out, _ = getattr(self.torch_npu, FUSED_ATTENTION)(
-            query.transpose(1, 2).contiguous(), key.transpose(1, 2).contiguous(), value.transpose(1, 2).contiguous(),
+            query.contiguous(), key.contiguous(), value.contiguous(),
             atten_mask=blocked, actual_seq_lengths_kv=lengths, num_heads=heads, num_key_value_heads=kv_heads,
-            scale=scale, input_layout="BSND", sparse_mode=0)
+            scale=scale, input_layout="BNSD", sparse_mode=0)
         self.attention_calls["fused"] += 1
-        return out.transpose(1, 2)                                               # [R, H, Q, D]
+        return out                                                               # [R, H, Q, D]
 
     # ------------------------------------------------------------------ graphs
     def graph_capture(self, fn):

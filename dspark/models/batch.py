@@ -183,11 +183,16 @@ class KVCache:
     engine keeps. Rolling back rejected tokens means not advancing that number;
     the stale entries past it are overwritten by the next step and are never
     attended to, because a query at position p only sees keys at positions <= p.
+
+    Storage is head-major, [layer, slot, KV head, position, head dim]: attention reads each
+    head's keys as one contiguous run ([R, KVH, L, D] after the models' transpose), which the
+    CPU's SDPA took 15-30 % less time over at decode than position-major keys, with bitwise the
+    same output (docs/BENCHMARKS.md), and which Ascend's fused kernel takes as BNSD.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -196,16 +201,19 @@ class KVCache:
     def write(self, layer: int, token_slots: torch.Tensor, positions: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, KVH, D] written at (token_slots[i], positions[i])."""
-        self.k[layer, token_slots, positions] = k.to(self.k.dtype)
-        self.v[layer, token_slots, positions] = v.to(self.v.dtype)
+        self.k[layer, token_slots, :, positions] = k.to(self.k.dtype)
+        self.v[layer, token_slots, :, positions] = v.to(self.v.dtype)
 
     def read(self, layer: int, slots: torch.Tensor, length: int,
              slot_range: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, length) for each slot: 2 x [R, length, KVH, D].
-        With `slot_range` (consecutive slots) these are views; otherwise only the needed
-        positions are gathered (slice first, then select slots)."""
+        """Keys and values of positions [0, length) for each slot: 2 x [R, length, KVH, D]
+        (transposed views of the head-major store). With `slot_range` (consecutive slots) they
+        are views of the cache; otherwise only the needed positions are gathered (slice first,
+        then select slots)."""
         if slot_range is not None:
             first, stop = slot_range
-            return self.k[layer, first:stop, :length], self.v[layer, first:stop, :length]
-        return (self.k[layer, :, :length].index_select(0, slots),
-                self.v[layer, :, :length].index_select(0, slots))
+            keys, values = self.k[layer, first:stop, :, :length], self.v[layer, first:stop, :, :length]
+        else:
+            keys = self.k[layer, :, :, :length].index_select(0, slots)
+            values = self.v[layer, :, :, :length].index_select(0, slots)
+        return keys.transpose(1, 2), values.transpose(1, 2)
