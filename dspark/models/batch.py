@@ -185,9 +185,9 @@ class KVCache:
     attended to, because a query at position p only sees keys at positions <= p.
 
     Storage is head-major, [layer, slot, KV head, position, head dim]: attention reads each
-    head's keys as one contiguous run ([R, KVH, L, D] after the models' transpose), which the
-    CPU's SDPA took 15-30 % less time over at decode than position-major keys, with bitwise the
-    same output (docs/BENCHMARKS.md), and which Ascend's fused kernel takes as BNSD.
+    head's keys as one contiguous run ([R, KVH, L, D] after the models' transpose). On the CPU
+    that took a quarter off decode attention at 64 requests, with bitwise the same output
+    (docs/BENCHMARKS.md); Ascend's fused kernel takes it as BNSD.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
