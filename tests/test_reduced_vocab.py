@@ -139,7 +139,8 @@ def test_eagle3_chain_samples_over_the_draft_columns_as_over_the_full_vocabulary
         return proposal
 
     engine.draft.propose = recording
-    sampled = {"greedy": {}, "temperature": dict(temperature=0.9), "filtered": dict(temperature=1.1, top_k=3, top_p=0.8)}
+    sampled = {"greedy": {}, "temperature": dict(temperature=0.9),
+               "filtered": dict(temperature=1.1, top_k=3, top_p=0.8)}
     params = [dspark.SamplingParams(max_new_tokens=12, ignore_eos=True, seed=s, **sampled[mode]) for s in range(6)]
     engine.generate([PROMPT] * 6, params)
     assert steps

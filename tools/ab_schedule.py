@@ -84,28 +84,28 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; valid: {', '.join(MODES)}")
 
-    from dspark.bench.harness import Models, _greedy, find_eval_dir, in_flight_rate, load_prompt_sets
+    from dspark.bench.harness import (Models, _greedy, concurrency_prompts, find_eval_dir, in_flight_rate,
+                                      interleaved_pool, load_prompt_sets)
 
-    drafts = {MODES[label.split("/")[0]][0] for label in labels} - {None}
+    drafts = {MODES[label.partition("/")[0]][0] for label in labels} - {None}
     models = Models.load("smollm2", {name: f"smollm2-{name}" for name in sorted(drafts)})
-    sets = load_prompt_sets(find_eval_dir(), limit=16)
-    pool = [models.encode(text) for group in zip(*sets.values()) for text in group]
-    prompts = [pool[i % len(pool)] for i in range(args.requests)]
+    prompts = concurrency_prompts(interleaved_pool(models, load_prompt_sets(find_eval_dir(), limit=16)), args.requests)
     length = max(len(p) for p in prompts) + args.max_new_tokens + 9
     rates, reference = {label: [] for label in labels}, {}
     for _ in range(args.repeats):
         for label in labels:
-            draft, options = MODES[label.split("/")[0]]
+            mode, _, variant = label.partition("/")
+            draft, options = MODES[mode]
             engine = models.engine(draft, max_batch_size=args.requests, max_model_len=length, **options)
             verify_s = []
-            with timed_greedy_verify(engine.backend, verify_s, through_distributions=label.endswith("/dist")):
+            with timed_greedy_verify(engine.backend, verify_s, through_distributions=variant == "dist"):
                 started = time.perf_counter()
                 outputs = engine.generate(prompts, _greedy(args.max_new_tokens, args.requests, ignore_eos=True))
                 seconds = time.perf_counter() - started
             tokens = [o.token_ids for o in outputs]
-            if label.endswith("/dist") and tokens != reference.get(label.split("/")[0], tokens):
+            if variant and tokens != reference.get(mode, tokens):
                 print(f"{label}: outputs differ from the argmax path", flush=True)
-            reference.setdefault(label.split("/")[0], tokens)
+            reference.setdefault(mode, tokens)
             rates[label].append(sum(len(o.token_ids) for o in outputs) / seconds)
             rounds = [r for r in engine.round_log if "round_s" in r]
             plain = [r["round_s"] for r in rounds if not r.get("drafted")]

@@ -17,12 +17,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
 
-    from dspark.bench.harness import Models, _greedy, find_eval_dir, load_prompt_sets
+    from dspark.bench.harness import (Models, _greedy, concurrency_prompts, find_eval_dir, interleaved_pool,
+                                      load_prompt_sets)
 
     models = Models.load("smollm2", {})
-    sets = load_prompt_sets(find_eval_dir(), limit=16)
-    pool = [models.encode(text) for group in zip(*sets.values()) for text in group]
-    prompts = [pool[i % len(pool)] for i in range(args.requests)]
+    prompts = concurrency_prompts(interleaved_pool(models, load_prompt_sets(find_eval_dir(), limit=16)), args.requests)
     engine = models.engine(None, max_batch_size=args.requests,
                            max_model_len=max(map(len, prompts)) + args.max_new_tokens + 16)
     backend, attention, calls = engine.backend, engine.backend.attention, []
@@ -40,8 +39,9 @@ def main() -> None:
     finally:
         backend.attention = attention
     rounds = [r["round_s"] for r in engine.round_log if "round_s" in r]
-    print(f"{args.requests} requests: decode attention {statistics.median(t for t, _, _ in calls) * 1e3:.2f} ms a layer, "
-          f"{sum(t for t, _, _ in calls) / len(rounds) * 1e3:.1f} ms a round; round median "
+    layer_s = [t for t, _, _ in calls]
+    print(f"{args.requests} requests: decode attention {statistics.median(layer_s) * 1e3:.2f} ms a layer, "
+          f"{sum(layer_s) / len(rounds) * 1e3:.1f} ms a round; round median "
           f"{statistics.median(rounds) * 1e3:.1f} ms; keys {calls[-1][1]} with strides {calls[-1][2]}")
 
 

@@ -509,6 +509,16 @@ def rotated(configurations: list, repeat: int) -> list:
     return configurations[shift:] + configurations[:shift]
 
 
+def interleaved_pool(models: Models, sets: dict) -> list:
+    """Every prompt of the sets, encoded, the datasets interleaved (one of each set in turn)."""
+    return [models.encode(t) for group in zip(*sets.values()) for t in group]
+
+
+def concurrency_prompts(pool: list, count: int) -> list:
+    """The prompts of `count` concurrent requests: the pool's first `count`, cycling."""
+    return [pool[i % len(pool)] for i in range(count)]
+
+
 def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger: LosslessLedger,
                     progress: Callable = print) -> list:
     """Tokens/s per configuration of `concurrency_modes` at each concurrency, timed round-robin
@@ -517,12 +527,12 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
     configuration's scheduler share of round time.
     One engine (and its KV cache) exists at a time: at high concurrency the caches of every mode
     together would not fit, so each configuration's engine is built for its turn and released."""
-    pool = [models.encode(t) for group in zip(*sets.values()) for t in group]   # datasets interleaved
+    pool = interleaved_pool(models, sets)
     n = settings.max_new_tokens
     modes = concurrency_modes(models, settings, calibrated_profile(models, settings, pool, progress))
     rows = []
     for concurrency in settings.concurrency:
-        prompts = [pool[i % len(pool)] for i in range(concurrency)]
+        prompts = concurrency_prompts(pool, concurrency)
         config = dict(max_batch_size=concurrency, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
         seconds, outputs, shares = {label: [] for label, _, _ in modes}, {}, {}
         in_flight = {label: [] for label, _, _ in modes}

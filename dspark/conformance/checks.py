@@ -137,7 +137,8 @@ def check_verify_greedy(backend: Backend, dtype: torch.dtype, tol: dict):
     fast = backend.verify_greedy(draft_tokens.to(d), target_logits.to(d, dtype), lens.to(d))
     same = all(torch.equal(r.output_tokens.cpu()[keep], reference.output_tokens[keep]) and
                torch.equal(r.num_accepted.cpu()[keep], reference.num_accepted[keep]) for r in (got, fast))
-    return same, f"{int(keep.sum())} rows exact (distributions and argmaxes), {int((~keep).sum())} near-tie rows skipped"
+    return same, (f"{int(keep.sum())} rows exact (distributions and argmaxes), "
+                  f"{int((~keep).sum())} near-tie rows skipped")
 
 
 def check_verify_sampled(backend: Backend, dtype: torch.dtype, tol: dict):
