@@ -1,5 +1,6 @@
 """The built-in reference models, `dspark demo` and the `dspark bench` harness."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 import dspark
 from dspark.bench import LosslessError, LosslessLedger, Models, load_prompt_sets
 from dspark.bench.report import BEGIN, END, splice_markdown
+from dspark.errors import ConfigError
 from dspark.params import SamplingParams
 from dspark.models.reference import SMOLLM2_DRAFTS, TINY_MODELS, reference_build_info, reference_model_dir
 
@@ -186,6 +188,14 @@ def test_bench_labels_and_lengths_follow_each_drafts_own_block(tmp_path):
     labels = [label for label, _, _ in harness.concurrency_modes(models, settings, None)]
     assert {"fixed 3", "fixed 4", "DFlash fixed 3", "DFlash fixed 7"} <= set(labels)
     assert "fixed 7" not in labels
+    # --modes keeps only the named groups, plain decoding always; the calibrated profile is not
+    # even computed when its mode is not timed.
+    chosen = replace(settings, modes=["budget", "dflash"])
+    labels = [label for label, _, _ in harness.concurrency_modes(models, chosen, "profile.yaml")]
+    assert labels == ["no speculation", "budget", "DFlash fixed 3", "DFlash fixed 7", "DFlash budget (margin)"]
+    assert harness.calibrated_profile(models, chosen, []) is None
+    with pytest.raises(ConfigError, match="unknown concurrency mode.*'budgte'.*valid: fixed"):
+        harness.check_concurrency_modes(["budget", "budgte"])
 
     def stats(positions):
         return {"tau": 1.5, "rounds": 10, "position_acceptance": positions}

@@ -38,7 +38,7 @@ import torch
 from ..backends import get_backend
 from ..backends.cpu import cpu_model
 from ..engine import Engine
-from ..errors import DSparkError
+from ..errors import ConfigError, DSparkError
 from ..models import DRAFT_ALGORITHMS, load_draft, load_target
 from ..models.sources import resolve_model
 from ..params import DTYPES, EngineConfig, SamplingParams
@@ -51,6 +51,17 @@ DATASETS = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
 ALGORITHMS = tuple(DRAFT_ALGORITHMS)                          # from the registry
 LABELS = {name: entry.label for name, entry in DRAFT_ALGORITHMS.items()}
 SCHEDULER_MODES = ("threshold", "causal", "budget")
+# The concurrency section's configuration groups (`dspark bench --modes`). Plain decoding is always
+# timed: it is every output's lossless reference and every ratio's baseline.
+CONCURRENCY_MODES = {
+    "fixed": "the main draft at each --fixed-lengths verify length",
+    "threshold": "the main draft, threshold schedule",
+    "causal": "the main draft, Algorithm 1 with the online cost model",
+    "budget": "the main draft, budget schedule with the online cost model (the engine's default)",
+    "frozen": "budget with the backend's prior, never refitted",
+    "calibrated": "budget with a `dspark calibrate` profile (calibrated first unless --cost-profile)",
+    "dflash": "the DFlash draft at each fixed length, and with budget and the margin estimator",
+}
 TIE_TOLERANCE = 1e-3
 
 
@@ -72,6 +83,7 @@ class BenchSettings:
     cost_profile: Optional[str] = None   # the concurrency section's calibrated profile (None: calibrate there)
     calibrated_out: Optional[str] = None  # where a profile calibrated there is written (None: a temporary file)
     assistant: bool = True         # time transformers' assisted generation (an early-exit assistant by default)
+    modes: Optional[list] = None   # the concurrency section's configuration groups (None: all of CONCURRENCY_MODES)
 
 
 QUICK = BenchSettings(prompts_per_dataset=3, max_new_tokens=48, speed_prompts=1, speed_max_new_tokens=48,
@@ -426,23 +438,36 @@ def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optio
     """(label, draft, engine options) of every configuration the concurrency section times: plain
     decoding, fixed verify lengths and the load-aware modes with the online cost model (the
     engine's default), budget with the frozen prior and with a calibrated profile, and DFlash
-    (no confidence head: the margin estimator) with fixed lengths and budget."""
+    (no confidence head: the margin estimator) with fixed lengths and budget; only the groups of
+    `settings.modes` when it is set (plain decoding always)."""
+    wanted = set(CONCURRENCY_MODES if settings.modes is None else settings.modes)
     main = "dspark" if "dspark" in models.drafts else next(iter(models.drafts), None)
     modes = [("no speculation", None, {})]
     if main is None:
         return modes
-    modes += [(f"fixed {k}", main, {"schedule": "fixed", "verify_len": k})
-              for k in fixed_lengths(settings.fixed_lengths, models.block_size(main))]
-    modes += [(mode, main, {"schedule": mode}) for mode in SCHEDULER_MODES]
-    modes.append(("budget, frozen prior", main, {"schedule": "budget", "online_costs": False}))
-    if calibrated is not None:
+    if "fixed" in wanted:
+        modes += [(f"fixed {k}", main, {"schedule": "fixed", "verify_len": k})
+                  for k in fixed_lengths(settings.fixed_lengths, models.block_size(main))]
+    modes += [(mode, main, {"schedule": mode}) for mode in SCHEDULER_MODES if mode in wanted]
+    if "frozen" in wanted:
+        modes.append(("budget, frozen prior", main, {"schedule": "budget", "online_costs": False}))
+    if calibrated is not None and "calibrated" in wanted:
         modes.append(("budget, calibrated", main, {"schedule": "budget", "online_costs": False,
                                                    "cost_profile": calibrated}))
-    if "dflash" in models.drafts and main != "dflash":
+    if "dflash" in wanted and "dflash" in models.drafts and main != "dflash":
         modes += [(f"DFlash fixed {k}", "dflash", {"schedule": "fixed", "verify_len": k})
                   for k in fixed_lengths(settings.fixed_lengths, models.block_size("dflash"))]
         modes.append(("DFlash budget (margin)", "dflash", {"schedule": "budget"}))
     return modes
+
+
+def check_concurrency_modes(names: list) -> list:
+    """`--modes` as given, checked against CONCURRENCY_MODES (a ConfigError names the valid ones)."""
+    unknown = [name for name in names if name not in CONCURRENCY_MODES]
+    if unknown or not names:
+        raise ConfigError(f"unknown concurrency mode(s) {', '.join(map(repr, unknown)) or '(none given)'}; valid: "
+                          f"{', '.join(CONCURRENCY_MODES)} (plain decoding is always timed)")
+    return names
 
 
 def fixed_lengths(lengths: list, block_size: int) -> list:
@@ -455,7 +480,8 @@ def calibrated_profile(models: Models, settings: BenchSettings, pool: list, prog
     """settings.cost_profile, or a profile calibrated here (`dspark calibrate`'s estimator, at the
     section's concurrencies and one context bucket covering its requests), written to
     settings.calibrated_out (else a temporary file). None without a draft."""
-    if settings.cost_profile or not models.drafts:
+    skipped = settings.modes is not None and "calibrated" not in settings.modes
+    if settings.cost_profile or not models.drafts or skipped:
         return settings.cost_profile
     draft = "dspark" if "dspark" in models.drafts else next(iter(models.drafts))
     context = int(statistics.median(len(p) for p in pool) + settings.max_new_tokens // 2)

@@ -50,6 +50,8 @@ def _cmd_bench(args) -> int:
     if args.fixed_lengths:
         settings.fixed_lengths = args.fixed_lengths
     settings.cost_profile = args.cost_profile
+    if args.modes:
+        settings.modes = bench.check_concurrency_modes([m.strip() for m in args.modes.split(",") if m.strip()])
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"acceptance", "speed", "concurrency"}
     if unknown:
@@ -126,6 +128,7 @@ def add_commands(commands, formatter, para) -> None:
                          "($DSPARK_EVAL_DATA)."),
         epilog="examples:\n  dspark bench --quick\n"
                "  dspark bench --update-doc docs/BENCHMARKS.md\n"
+               "  dspark bench --sections concurrency --modes fixed,budget,frozen,calibrated,dflash --fixed-lengths 3\n"
                "  dspark bench --target ./Qwen3-8B --draft dspark=./draft --assistant none --prompts my.jsonl")
     bench.add_argument("--quick", action="store_true", help="a CI-sized run (a few prompts, short outputs; ~1-2 min "
                                                             "on 2 CPU cores)")
@@ -146,6 +149,12 @@ def add_commands(commands, formatter, para) -> None:
     bench.add_argument("--concurrency", type=positive_int_list, metavar="LIST", help="e.g. 1,2,4,8,16,32,64")
     bench.add_argument("--fixed-lengths", type=positive_int_list, metavar="LIST",
                        help="the fixed verify lengths the concurrency section times (default 1,3,5,7; quick: 3,7)")
+    bench.add_argument("--modes", metavar="LIST",
+                       help="the concurrency section's configurations, a comma-separated subset of "
+                            "fixed,threshold,causal,budget,frozen,calibrated,dflash (default: all; plain decoding "
+                            "is always timed): fixed = the main draft at each --fixed-lengths, frozen = budget "
+                            "with the never-refitted prior, calibrated = budget with a calibrated profile, dflash "
+                            "= the DFlash draft at the fixed lengths and with budget (margin estimator)")
     bench.add_argument("--cost-profile", metavar="FILE.yaml",
                        help="the concurrency section's calibrated profile (`dspark calibrate`); default: "
                             "calibrate one first, at the section's concurrencies (written to OUT/calibrated.yaml)")
