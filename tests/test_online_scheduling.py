@@ -226,6 +226,33 @@ def test_device_event_timers_are_read_later_without_an_extra_sync():
     assert engine.cost_model._draft_cells, "the draft's event-timed share was learned"
 
 
+def test_the_draft_context_append_is_charged_to_neither_the_draft_nor_the_verify_share():
+    """Every verified position reaches the draft's context whether the planner drafts or not, so
+    the append must not price drafting: it used to sit in the verify share when every round
+    drafted (appended at the commit) and in the draft share after plain rounds (their queued
+    rows flushed in front of the proposal). Now every round's rows are queued and flushed at the
+    start of the next drafted round, timed apart. An append slowed by 60 ms must leave both
+    learned shares far below that."""
+    engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir("dspark"),
+                                           backend="cpu", max_batch_size=2, max_model_len=96, schedule="fixed")
+    append, calls = engine.draft.append_context, []
+
+    def slow_append(*args, **kwargs):
+        calls.append(time.sleep(0.06))
+        return append(*args, **kwargs)
+
+    engine.draft.append_context = slow_append
+    engine.generate([[5, 6, 7, 8], [20, 30, 40]], dspark.SamplingParams(max_new_tokens=24, ignore_eos=True))
+    rounds = len(engine.round_log)
+    assert rounds > 4 and len(calls) == rounds          # the prompts' append, then one flush a round after the first
+    assert sum(r["round_s"] > 0.06 for r in engine.round_log) == rounds - 1
+    cost = engine.cost_model
+    verify = [cell.median for cells in cost._verify_cells.values() for cell in cells.values()]
+    draft = [cell.median for cell in cost._draft_cells.values()]
+    assert verify and draft
+    assert max(verify) < 0.04 and max(draft) < 0.04, (verify, draft)
+
+
 # ------------------------------------------------------------------------------------ the margin estimator
 def synthetic_rounds(estimator, weights, bias, rounds, requests, rng, head=False):
     """Full-block rounds whose draft k is accepted with probability sigmoid(w_k . f_k + b_k)."""

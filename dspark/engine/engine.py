@@ -10,7 +10,8 @@ One round for the R active requests (paper Fig. 1):
                  then lossless acceptance: accepted prefix + one recovered / bonus token
     5. commit    one device->host copy of the emitted tokens; advance each request's cache
                  length by accepted + 1 (rejected positions are simply not advanced over),
-                 append the verified positions' target features to the draft's context
+                 and queue the verified positions' target features for the draft's context
+                 (appended at the start of the next drafted round, or every 4096 rows)
 
 With no draft, gamma = 0 and the same loop is plain target decoding: our baseline.
 Learning while serving: every round is timed (the backend's step timer: host timestamps on the
@@ -611,10 +612,15 @@ class Engine:
             empty = (torch.zeros(num, 0, dtype=torch.long, device=device), torch.zeros(num, 0, vocab, device=device))
             return empty, torch.zeros(num, dtype=torch.long, device=device), 0, None
         # The draft's share of the round, as the cost model learns it: everything a plain round
-        # does not do (deferred context, the proposal, its confidences and verify lengths). Left
-        # in the verify share, it made plain rounds look as dear as drafted ones of the same size.
-        timer.mark("draft")
+        # does not do (the proposal, its confidences and verify lengths). Left in the verify share,
+        # it made plain rounds look as dear as drafted ones of the same size. The queued context
+        # is timed apart and charged to neither share: every verified position is appended
+        # sooner or later whether the planner drafts or not, but flushed here it made a drafted
+        # round look dearer the longer the planner had waited (4 requests x 16 plain rounds:
+        # 64 rows through the draft's feature projection in front of the proposal).
+        timer.mark("context")
         self._flush_draft_context()
+        timer.mark("draft")
         rows = plan.rows                            # a probe: only these requests draft
         if rows is not None:
             index = torch.tensor(rows, dtype=torch.long, device=device)
@@ -647,15 +653,16 @@ class Engine:
 
     PENDING_CONTEXT_LIMIT = 4096         # rows of deferred draft context kept before they are appended
 
-    def _append_draft_context(self, slots, positions, hidden, token_ids, deferred: bool) -> None:
-        """Append verified positions to the draft's context. A round that did not draft defers
-        them: while the planner chooses plain decoding (at load, every round) one batched call
-        at the next drafted round, or every PENDING_CONTEXT_LIMIT rows, costs less than a call
-        per round (2 % of a plain round at 8 requests on the CPU). The draft's cache ends up the
+    def _append_draft_context(self, slots, positions, hidden, token_ids) -> None:
+        """Queue verified positions for the draft's context. They are appended when the draft
+        next needs them, at the start of the next drafted round (`_draft_and_schedule`, timed
+        apart from the draft's share), or every PENDING_CONTEXT_LIMIT rows: while the planner
+        chooses plain decoding (at load, every round) one batched call costs less than a call per
+        round (2 % of a plain round at 8 requests on the CPU). The draft's cache ends up the
         same; `_prefill` flushes first, so rows of a freed slot land before its next prompt."""
         self._pending_context.append((slots, positions, hidden, token_ids))
         self._pending_rows += len(slots)
-        if not deferred or self._pending_rows >= self.PENDING_CONTEXT_LIMIT:
+        if self._pending_rows >= self.PENDING_CONTEXT_LIMIT:
             self._flush_draft_context()
 
     def _flush_draft_context(self) -> None:
@@ -730,7 +737,7 @@ class Engine:
             as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.backend.device)  # noqa: E731
             rows = as_tensor(context_rows)
             self._append_draft_context(as_tensor(context_slots), as_tensor(context_positions), hidden[rows],
-                                       batch.input_ids[rows], deferred=proposal is None)
+                                       batch.input_ids[rows])
         record.update(verify_lens=lens_host, accepted=num_emitted - 1)
         if extra:                                   # back in (confidence, head logits, features) order
             host = iter(extra)
@@ -769,7 +776,8 @@ class Engine:
     def _learn_costs(self, record: dict, timer, context_len: int) -> None:
         """Feed the online cost model the measured times of finished rounds: the draft's share
         from the step timer, the rest of the round (verify, sampling, commit, host bookkeeping)
-        from the round's wall time. Device events are read once complete; a round whose events
+        from the round's wall time, less the queued draft context appended in it (timed apart,
+        charged to neither: see `_draft_and_schedule`). Device events are read once complete; a round whose events
         are not yet done waits in `_timings` for a later round instead of forcing a sync."""
         if not isinstance(self.cost_model, OnlineCostModel):
             return
@@ -780,11 +788,12 @@ class Engine:
         while self._timings:
             timer, requests, tokens, context, round_s, drafted, drafting = self._timings[0]
             draft_s = timer.seconds("draft", "drafted") if drafted else None
-            if drafted and draft_s is None:
+            context_s = timer.seconds("context", "draft") if drafted else 0.0
+            if drafted and (draft_s is None or context_s is None):
                 break
             self._timings.popleft()
-            self.cost_model.observe(requests, tokens, context, max(round_s - (draft_s or 0.0), 0.0), draft_s,
-                                    draft_requests=drafting)
+            verify_s = max(round_s - (draft_s or 0.0) - context_s, 0.0)
+            self.cost_model.observe(requests, tokens, context, verify_s, draft_s, draft_requests=drafting)
         record["learn_s"] = time.perf_counter() - started
 
     def _emit(self, r: Request, tokens: list) -> list:
