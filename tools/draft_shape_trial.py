@@ -3,7 +3,8 @@
 Each variant is the build's recipe for one algorithm (`build_smollm2.DRAFT_SETTINGS[--algorithm]`,
 same batch, learning rate, anchors and seed) with its shape set: `base` (1 layer, block 7, the
 recipe before DSpark moved to block 4), `layers2` (2 layers, block 7), `block4` (1 layer, a block of
-4). DFlash takes the same variants (`--algorithm dflash`). The work directory must hold a build's regenerated data and feature cache
+4), and block 4 with the loss reweighted: `block4-ce` (1.0 CE + 0.9 L1 instead of 0.1 + 0.9) and
+`block4-ce-only` (CE alone, the Markov and confidence terms kept). DFlash takes the same variants (`--algorithm dflash`). The work directory must hold a build's regenerated data and feature cache
 (`python tools/build_smollm2.py --work DIR --only prompts|regenerate|features ...`). Prints each
 variant's CPU seconds, then τ (whole block verified, greedy, the first prompts of each eval set)
 and per-position survival. Results: docs/BENCHMARKS.md, "Draft shape at equal steps and equal CPU".
@@ -21,15 +22,21 @@ import build_smollm2 as build
 from tau_greedy import greedy_tau
 
 VARIANTS = {"base": {"num_layers": 1, "block_size": 7}, "layers2": {"num_layers": 2, "block_size": 7},
-            "block4": {"num_layers": 1, "block_size": 4}}
+            "block4": {"num_layers": 1, "block_size": 4},
+            # block 4 with the loss reweighted: the recipe's 0.1 CE + 0.9 L1 gives a draft token the
+            # target ranks first but the draft rates low a gradient scaled by that small probability
+            # (L1 on probabilities); cross-entropy pulls it up at full strength.
+            "block4-ce": {"num_layers": 1, "block_size": 4, "train": {"ce_weight": 1.0, "l1_weight": 0.9}},
+            "block4-ce-only": {"num_layers": 1, "block_size": 4, "train": {"ce_weight": 1.0, "l1_weight": 0.0}}}
 
 
 def train(work: Path, algorithm: str, name: str, steps: int) -> Path:
     from dspark.training.trainer import Trainer
 
     out = work / f"trial-{algorithm}-{name}-{steps}"
-    config = dataclasses.replace(build.train_config(work, algorithm, steps, out),
-                                 draft_options={**build.DRAFT_SETTINGS[algorithm]["draft_options"], **VARIANTS[name]})
+    shape = {k: v for k, v in VARIANTS[name].items() if k != "train"}
+    config = dataclasses.replace(build.train_config(work, algorithm, steps, out), **VARIANTS[name].get("train", {}),
+                                 draft_options={**build.DRAFT_SETTINGS[algorithm]["draft_options"], **shape})
     started = time.process_time()
     Trainer(config, progress=lambda m: build.log(f"[{name}] {m}")).train()
     build.log(f"[{name}] {steps} steps, {(time.process_time() - started) / 2:.0f} CPU s (both cores / 2)")
