@@ -646,6 +646,7 @@ def test_bench_concurrency_section_sets_online_frozen_and_calibrated_side_by_sid
     assert ledger.summary()["mismatches"] == 0
     assert set(row["in_flight"]) == {label for label in row if isinstance(row[label], float)}
     assert all(rate > 0 for rate in row["in_flight"].values())
+    assert set(row["runs"]) == set(row["in_flight"]) and all(len(r["seconds"]) == 1 for r in row["runs"].values())
     table = "\n".join(concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 4}}))
     assert "budget, calibrated" in table and "Scheduler share of round time" in table
     assert "While all requests are in flight" in table and "The whole closed batch" in table

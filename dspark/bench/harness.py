@@ -550,7 +550,7 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
     """Tokens/s per configuration of `concurrency_modes` at each concurrency, timed round-robin
     (median of `repeats`): over the whole closed batch (row[label]) and while all its requests
     were in flight (row["in_flight"][label], see `in_flight_rate`), plus each speculative
-    configuration's scheduler share of round time.
+    configuration's scheduler share of round time and every repeat's raw numbers (row["runs"]).
     One engine (and its KV cache) exists at a time: at high concurrency the caches of every mode
     together would not fit, so each configuration's engine is built for its turn and released."""
     pool = interleaved_pool(models, sets)
@@ -581,6 +581,9 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
         row["scheduler_share"] = shares
         row["in_flight"] = {label: statistics.median(rates) for label, rates in in_flight.items()
                             if rates and None not in rates}
+        # Every repeat's own numbers, in run order: on a noisy machine the medians hide how far
+        # one configuration's runs spread (the tables print medians; the JSON keeps these).
+        row["runs"] = {label: {"seconds": seconds[label], "in_flight": in_flight[label]} for label in seconds}
         rows.append(row)
         steady = row["in_flight"]
         best = max(steady, key=steady.get)
