@@ -614,12 +614,13 @@ class Engine:
         # The draft's share of the round, as the cost model learns it: everything a plain round
         # does not do (the proposal, its confidences and verify lengths). Left in the verify share,
         # it made plain rounds look as dear as drafted ones of the same size. The queued context
-        # is timed apart and charged to neither share: every verified position is appended
-        # sooner or later whether the planner drafts or not, but flushed here it made a drafted
-        # round look dearer the longer the planner had waited (4 requests x 16 plain rounds:
-        # 64 rows through the draft's feature projection in front of the proposal).
+        # is timed apart: every verified position is appended sooner or later whether the planner
+        # drafts or not, so only the last round's share of the flush (the call a plain round
+        # would have saved) is the draft's; charged whole, a drafted round looked dearer the
+        # longer the planner had waited (4 requests x 16 plain rounds: 64 rows through the
+        # draft's feature projection in front of the proposal, 3 ms against 1 ms for one round's).
         timer.mark("context")
-        self._flush_draft_context()
+        record["_context_share"] = self._flush_draft_context()
         timer.mark("draft")
         rows = plan.rows                            # a probe: only these requests draft
         if rows is not None:
@@ -665,11 +666,15 @@ class Engine:
         if self._pending_rows >= self.PENDING_CONTEXT_LIMIT:
             self._flush_draft_context()
 
-    def _flush_draft_context(self) -> None:
-        if self._pending_context:
-            parts = [torch.cat(column) for column in zip(*self._pending_context)]
-            self._pending_context, self._pending_rows = [], 0
-            self.draft.append_context(self.draft_cache, *parts)
+    def _flush_draft_context(self) -> float:
+        """Append the queued rows; returns the share of them the latest round queued (0: none)."""
+        if not self._pending_context:
+            return 0.0
+        share = len(self._pending_context[-1][0]) / max(self._pending_rows, 1)
+        parts = [torch.cat(column) for column in zip(*self._pending_context)]
+        self._pending_context, self._pending_rows = [], 0
+        self.draft.append_context(self.draft_cache, *parts)
+        return share
 
     def _confidences(self, proposal, sampling, hints):
         """This block's conditional confidences c_k [R, gamma] (device; None when nothing provides
@@ -776,23 +781,27 @@ class Engine:
     def _learn_costs(self, record: dict, timer, context_len: int) -> None:
         """Feed the online cost model the measured times of finished rounds: the draft's share
         from the step timer, the rest of the round (verify, sampling, commit, host bookkeeping)
-        from the round's wall time, less the queued draft context appended in it (timed apart,
-        charged to neither: see `_draft_and_schedule`). Device events are read once complete; a round whose events
-        are not yet done waits in `_timings` for a later round instead of forcing a sync."""
+        from the round's wall time, less the queued draft context appended in it (timed apart;
+        the draft's share is the latest round's part of it, see `_draft_and_schedule`). Device
+        events are read once complete; a round whose events are not yet done waits in
+        `_timings` for a later round instead of forcing a sync."""
+        share = record.pop("_context_share", 0.0)
         if not isinstance(self.cost_model, OnlineCostModel):
             return
         started = time.perf_counter()
         rows = record.get("draft_rows")
         self._timings.append((timer, record["requests"], record["verify_tokens"], context_len, record["round_s"],
-                              record["drafted"], record["requests"] if rows is None else len(rows)))
+                              record["drafted"], record["requests"] if rows is None else len(rows), share))
         while self._timings:
-            timer, requests, tokens, context, round_s, drafted, drafting = self._timings[0]
+            timer, requests, tokens, context, round_s, drafted, drafting, share = self._timings[0]
             draft_s = timer.seconds("draft", "drafted") if drafted else None
             context_s = timer.seconds("context", "draft") if drafted else 0.0
             if drafted and (draft_s is None or context_s is None):
                 break
             self._timings.popleft()
             verify_s = max(round_s - (draft_s or 0.0) - context_s, 0.0)
+            if drafted:
+                draft_s += share * context_s
             self.cost_model.observe(requests, tokens, context, verify_s, draft_s, draft_requests=drafting)
         record["learn_s"] = time.perf_counter() - started
 
