@@ -440,7 +440,7 @@ def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optio
     engine's default), budget with the frozen prior and with a calibrated profile, and DFlash
     (no confidence head: the margin estimator) with fixed lengths and budget; only the groups of
     `settings.modes` when it is set (plain decoding always)."""
-    wanted = set(CONCURRENCY_MODES if settings.modes is None else settings.modes)
+    wanted = wanted_modes(settings)
     main = "dspark" if "dspark" in models.drafts else next(iter(models.drafts), None)
     modes = [("no speculation", None, {})]
     if main is None:
@@ -459,6 +459,11 @@ def concurrency_modes(models: Models, settings: BenchSettings, calibrated: Optio
                   for k in fixed_lengths(settings.fixed_lengths, models.block_size("dflash"))]
         modes.append(("DFlash budget (margin)", "dflash", {"schedule": "budget"}))
     return modes
+
+
+def wanted_modes(settings: BenchSettings) -> set:
+    """The configuration groups the concurrency section times: `settings.modes`, else all."""
+    return set(CONCURRENCY_MODES if settings.modes is None else settings.modes)
 
 
 def check_concurrency_modes(names: list) -> list:
@@ -480,8 +485,7 @@ def calibrated_profile(models: Models, settings: BenchSettings, pool: list, prog
     """settings.cost_profile, or a profile calibrated here (`dspark calibrate`'s estimator, at the
     section's concurrencies and one context bucket covering its requests), written to
     settings.calibrated_out (else a temporary file). None without a draft."""
-    skipped = settings.modes is not None and "calibrated" not in settings.modes
-    if settings.cost_profile or not models.drafts or skipped:
+    if settings.cost_profile or not models.drafts or "calibrated" not in wanted_modes(settings):
         return settings.cost_profile
     draft = "dspark" if "dspark" in models.drafts else next(iter(models.drafts))
     context = int(statistics.median(len(p) for p in pool) + settings.max_new_tokens // 2)
