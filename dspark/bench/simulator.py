@@ -180,6 +180,8 @@ def _play(mode, cost, true_cost, requests, gamma, confidences, outcomes, context
             if plan is not None and plan.draft else None
         seconds += verify_s + (draft_s or 0.0)
         verify_tokens += batch
+        if planner is not None:
+            planner.observe_round(float((accepted + 1).sum()), verify_s + (draft_s or 0.0))
         if isinstance(cost, OnlineCostModel):
             cost.observe(requests, batch, context_len, verify_s, draft_s, draft_requests=drafting)
     count = len(confidences)

@@ -591,6 +591,8 @@ class Engine:
         record.update(verify_tokens=len(requests) + num_verify, host_syncs=self.backend.host_syncs - syncs_before,
                       round_s=ended - started, ended=ended, emitted=sum(len(tokens) for _, tokens in deliveries))
         self._learn_costs(record, timer, max(starts))
+        if self.draft is not None:               # what the round delivered, against its plan
+            self.planner.observe_round(len(requests) + int(record["accepted"].sum()), record["round_s"])
         self.round_log.append(record)          # before any caller can see this round's tokens
         for r, tokens in deliveries:
             self._deliver(r, tokens)
@@ -606,6 +608,8 @@ class Engine:
         schedule_s = time.perf_counter() - scheduled
         record["drafted"] = bool(plan and plan.draft)
         record["probe"] = bool(plan and plan.probe)
+        if plan is not None and plan.seconds is not None:
+            record["planned"] = (plan.tokens, plan.seconds, plan.plain_seconds)
         if not record["drafted"]:
             record["schedule_s"] = schedule_s
             vocab = self.target.config.vocab_size

@@ -34,6 +34,19 @@ The mirror case: with a learning cost model, a round at a load and context whose
 never timed decodes plainly (twice), so drafting is never chosen against an extrapolated plain
 cost.
 
+What the rounds it chose delivered: the plan's expected tokens and seconds are biased where it
+drafts, because it drafts exactly where an estimate looks good (the winner's curse, on the
+acceptance side and on the cost side alike). On SmolLM2 at 4 requests on 2 cores, the drafted
+rounds emitted 0.88x the tokens they were planned for and cost 1.05x their planned seconds, so
+a planned gain of 1.16 over plain decoding was 0.84 in fact. So the engine reports every round
+it ran (`observe_round`: tokens emitted, seconds), and per load (power-of-two bucket of the
+request count) the planner keeps decayed sums of what drafted rounds (probes included) and plain
+rounds delivered against what was planned for them. Their ratio, the realized-over-planned rate
+of drafting over that of plain decoding, shrunk towards 1 while its evidence is thin, scales the
+drafted side of the comparison. The sums fade with every round at that load, so evidence that
+drafting lost ages out and the model's own word returns: a load where drafting lost is re-tried
+after a while, never locked out. Lossless: only finished rounds feed it.
+
 What the budget is planned from: a request's confidences `lag` drafted rounds back, shrunk
 towards the running mean by the slope a block's confidences have on that history (learned
 online, `shrink`): history two rounds old predicts little, and planning from it raw drafted
@@ -70,6 +83,11 @@ class RoundPlan:
     full: bool = False
     probe: bool = False
     rows: Optional[list] = None      # the requests (batch indices) that draft; None = all of them
+    # What the planner expected of the round it chose (load-aware modes): tokens emitted, seconds
+    # it costs, and the seconds of a plain round instead (None where it did not price the round)
+    tokens: Optional[float] = None
+    seconds: Optional[float] = None
+    plain_seconds: Optional[float] = None
 
 
 def verify_lengths(mode: str, backend, confidence: Optional[torch.Tensor], caps: torch.Tensor, *,
@@ -148,6 +166,18 @@ def cost_model_for(backend, target_cfg, draft_cfg=None, profile: Optional[str] =
                                ModelSpec.from_configs(target_cfg, draft_cfg, bytes_per_value))
 
 
+def _load_bucket(num_requests: int) -> int:
+    """The power-of-two bucket of a request count: loads the planner keeps apart."""
+    return max(num_requests, 1).bit_length()
+
+
+def _expected_tokens(earlier: np.ndarray, caps: np.ndarray, budget: int, num_requests: int) -> float:
+    """Tokens a round is expected to emit when the `budget` best survivals of `earlier` verify."""
+    survival_values = np.cumprod(earlier, axis=1)
+    valid = np.arange(earlier.shape[1])[None, :] < np.minimum(caps, earlier.shape[1])[:, None]
+    return num_requests + float(np.sort(survival_values[valid])[::-1][:budget].sum())
+
+
 class RoundPlanner:
     """Scheduling state of one engine: the mode, SPS tables, confidence history and probing.
 
@@ -167,6 +197,11 @@ class RoundPlanner:
     # gain 35 % where the head is 10x overconfident.
     OUTCOME_PRIOR = 5.0
     OUTCOME_DECAY = 0.9
+    # What delivered rounds say about the plan's own predictions (see the module docstring): the
+    # evidence of a load fades by REALIZED_DECAY per round run at it (~30 rounds speak) and is
+    # weighed against REALIZED_PRIOR rounds at the plan's word.
+    REALIZED_DECAY = 0.97
+    REALIZED_PRIOR = 3.0
 
     def __init__(self, mode: str, cost, gamma: int, device, lag: int = 2, probe_every: int = 16,
                  max_probe_every: int = 128, verify_len: Optional[int] = None, threshold: float = 0.5,
@@ -190,6 +225,10 @@ class RoundPlanner:
         # at 0.46, and planning from the raw history drafted whenever a request's past block
         # looked lucky (the winner's curse): 15 % of the rounds at 8 requests, each a loss.
         self.shrink, self._sxy, self._sxx = 1.0, 0.0, 0.0
+        # Per load bucket, decayed sums over delivered rounds: drafted [count, tokens, planned
+        # tokens, seconds, planned seconds], then plain [count, seconds, planned seconds].
+        self._realized: dict = {}
+        self._last: Optional[tuple] = None             # (the plan of the round in flight, its load bucket)
 
     @property
     def load_aware(self) -> bool:
@@ -214,6 +253,41 @@ class RoundPlanner:
 
     def before_round(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         """Whether this round drafts, and its budget: from history only, before the draft runs."""
+        plan = self._plan(keys, caps, context_len)
+        self._last = (plan, _load_bucket(len(keys)))
+        return plan
+
+    def observe_round(self, tokens: float, seconds: float) -> None:
+        """What the round planned last delivered: tokens emitted (every request's accepted drafts
+        plus one) and its measured seconds. Rounds the plan did not price (fixed and threshold
+        modes, an estimator's whole blocks) teach nothing."""
+        plan, load = self._last or (None, None)
+        self._last = None
+        if plan is None or plan.seconds is None or plan.full:
+            return
+        sums = self._realized.setdefault(load, np.zeros(8))
+        sums *= self.REALIZED_DECAY
+        if plan.draft:
+            sums[:5] += (1.0, tokens, plan.tokens, seconds, plan.seconds)
+        else:
+            sums[5:] += (1.0, seconds, plan.seconds)
+
+    def realized_ratio(self, num_requests: int) -> float:
+        """How drafted rounds at this load delivered against their plan, over how plain rounds
+        did: (tokens / planned tokens) x (planned seconds / seconds) for each, each shrunk towards
+        1 by count / (count + REALIZED_PRIOR). 1.0 without evidence."""
+        sums = self._realized.get(_load_bucket(num_requests))
+        if sums is None:
+            return 1.0
+        drafted_n, tokens, planned_tokens, seconds, planned_s, plain_n, plain_s, plain_planned = sums
+        ratio = 1.0
+        if drafted_n > 0:
+            ratio *= (tokens / planned_tokens * planned_s / seconds) ** (drafted_n / (drafted_n + self.REALIZED_PRIOR))
+        if plain_n > 0:
+            ratio /= (plain_planned / plain_s) ** (plain_n / (plain_n + self.REALIZED_PRIOR))
+        return float(ratio)
+
+    def _plan(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         if self.mode != "fixed" and self.estimator is not None and self.estimator.needs_full_blocks:
             # Whole blocks of a quarter of the requests (at least min_rows, a refit's worth): at 64
             # requests on SmolLM2 two whole-block rounds of every request cost 5 plain rounds each,
@@ -234,24 +308,35 @@ class RoundPlanner:
                             else self._mean for key in keys])
         earlier = np.clip(earlier * self.outcome_ratios(keys)[:, None], 0.0, 1.0)
         num, caps_array = len(keys), np.asarray(caps)
-        with_draft = self.sps(num, context_len, on_device=False)
+        # Scaled by what drafted rounds here delivered against their plan (one factor along the
+        # whole table: it moves the draft-or-not decision, never the budget's choice of K).
+        priced = self.sps(num, context_len, on_device=False)
+        with_draft = priced * self.realized_ratio(num)
         # Drafting must beat plain decoding by DRAFT_MARGIN: the best of many noisy estimates is
         # biased up, and where the true gain is a few percent (SmolLM2 at 4-8 requests on 2 cores)
         # drafting on an estimated 3 % gain lost 5 % in practice. Where drafting pays, it pays by more.
         plain = self.sps(num, context_len, with_draft=False, on_device=False) * (1.0 + self.DRAFT_MARGIN)
         budget = ops.plan_budget(earlier, with_draft, plain, caps_array, early_break=self.mode == "causal")
+        plain_s = 1.0 / plain[num] * (1.0 + self.DRAFT_MARGIN) if num < plain.size else None
         if budget is not None:
             if self._plain_unmeasured(num, context_len):
-                return RoundPlan(draft=False)
+                return RoundPlan(draft=False, tokens=num, seconds=plain_s, plain_seconds=plain_s)
             self._skipped, self._interval = 0, self.probe_every
-            return RoundPlan(draft=True, budget=budget)
+            return RoundPlan(draft=True, budget=budget, tokens=_expected_tokens(earlier, caps_array, budget, num),
+                             seconds=1.0 / priced[num + budget], plain_seconds=plain_s)
         if not self._probe_due(num):
-            return RoundPlan(draft=False)
+            return RoundPlan(draft=False, tokens=num, seconds=plain_s, plain_seconds=plain_s)
         best = ops.plan_budget(earlier, with_draft, None, caps_array)
         # Only R / 4 requests draft, those whose history is oldest: a probe's draft then costs a
         # quarter of a full one (at 32 requests on the CPU, probes were 2 % of the run).
         size = max(1, num // 4)
-        return RoundPlan(draft=True, budget=min(best, size), probe=True, rows=self._oldest_rows(keys, size))
+        rows, budget = self._oldest_rows(keys, size), min(best, size)
+        picked = list(range(num)) if rows is None else rows
+        context = self.cost.context_lens[self.cost.context_index(context_len)]
+        seconds = self.cost.verify_time(num + budget, context, num) + self.cost.draft_time(len(picked))
+        return RoundPlan(draft=True, budget=budget, probe=True, rows=rows, plain_seconds=plain_s, seconds=seconds,
+                         tokens=num - len(picked) + _expected_tokens(earlier[picked], caps_array[picked], budget,
+                                                                     len(picked)))
 
     def _oldest_rows(self, keys: list, size: int) -> Optional[list]:
         """The batch indices of the `size` requests whose history is oldest (never drafted first),
@@ -270,7 +355,7 @@ class RoundPlanner:
 
     def _probe_due(self, num_requests: int) -> bool:
         """Count a skipped round; True when this one should draft anyway (a probe)."""
-        load = max(num_requests, 1).bit_length()               # power-of-two bucket of the load
+        load = _load_bucket(num_requests)
         if load != self._load:
             self._load, self._interval = load, self.probe_every
             self._skipped = max(self._skipped, self.probe_every - 2)
