@@ -23,13 +23,14 @@ Vocabulary used throughout (as in the DSpark paper, §2 and §3):
 from .sampling import sample_from_probs, sampling_probs
 from .verify import PLACEHOLDER_TOKEN_ID, VerifyResult, truncate_at_stop, verify, verify_greedy
 from .draft import markov_bias, sample_draft_block
-from .schedule import (SCHEDULE_MODES, plan_budget, ranked_candidates, schedule_causal, schedule_fixed,
-                       schedule_threshold, schedule_topk, survival, throughput_path)
+from .schedule import (SCHEDULE_MODES, plan_budget, plan_budget_and_tokens, ranked_candidates, schedule_causal,
+                       schedule_fixed, schedule_threshold, schedule_topk, survival, throughput_path)
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
     "SCHEDULE_MODES",
     "plan_budget",
+    "plan_budget_and_tokens",
     "ranked_candidates",
     "schedule_causal",
     "schedule_topk",

@@ -108,6 +108,18 @@ def plan_budget(
     caps=None,                         # [R] most drafts each request may verify
     early_break: bool = False,
 ) -> Optional[int]:
+    """The token budget K for a round, or None when drafting does not pay at all; see
+    `plan_budget_and_tokens`, which also says how many tokens the round is expected to emit."""
+    return plan_budget_and_tokens(earlier_confidence, sps_with_draft, sps_without_draft, caps, early_break)[0]
+
+
+def plan_budget_and_tokens(
+    earlier_confidence,
+    sps_with_draft,
+    sps_without_draft=None,
+    caps=None,
+    early_break: bool = False,
+) -> tuple:                            # (K or None, expected tokens R + the K best survivals)
     """The token budget K for a round, or None when drafting does not pay at all (paper §5.2).
 
     A global search over the whole survival path of *earlier* confidences (no break: graph buckets
@@ -139,7 +151,7 @@ def plan_budget(
     if sps_without_draft is not None:
         without = np.asarray(_host(sps_without_draft), dtype=np.float64)
         plain = num_requests * without[num_requests] if num_requests < without.size else 0.0
-    return budget if theta[budget] > plain else None
+    return (budget if theta[budget] > plain else None), float(tau[budget])
 
 
 def _host(values):

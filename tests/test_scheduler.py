@@ -138,7 +138,8 @@ def test_dispatcher_respects_the_backend_limit():
 def test_budget_planner_matches_a_brute_force_search():
     """plan_budget against the definition: K maximising (R + sum of the K best admissible earlier
     survivals) * SPS(R + K), first maximum; None when plain decoding's R * SPS_plain(R) is no worse;
-    with early_break, the first K after which Theta stops improving."""
+    with early_break, the first K after which Theta stops improving. plan_budget_and_tokens also
+    gives the tokens expected at that K (the planner's prediction the realized ratio is judged by)."""
     generator = torch.Generator().manual_seed(11)
     for _ in range(200):
         num_requests = int(torch.randint(1, 6, (1,), generator=generator))
@@ -164,6 +165,8 @@ def test_budget_planner_matches_a_brute_force_search():
             assert ops.plan_budget(earlier, with_draft, without, caps, early_break) == expected
             assert ops.plan_budget(earlier.numpy(), with_draft.numpy(), without.numpy(), caps.numpy(),
                                    early_break) == expected      # NumPy arrays as well as tensors
+            budget, tokens = ops.plan_budget_and_tokens(earlier, with_draft, without, caps, early_break)
+            assert budget == expected and tokens == pytest.approx(num_requests + sum(values[:k]))
 
 
 def test_plan_with_early_break_skips_drafting_behind_a_cliff():

@@ -165,12 +165,17 @@ class StsTemperatures:
         self.gamma = gamma
         self.sampled = list(sampled) if sampled else None
         self.greedy = list(greedy) if greedy else None
+        self._table: Optional[tuple] = None        # (what it was built from, [2, gamma] on a device)
 
     def temperatures(self, greedy_rows: torch.Tensor) -> torch.Tensor:
         """[R, gamma] temperature of each entry; greedy_rows [R] bool."""
-        sampled = torch.tensor(self.sampled or [1.0] * self.gamma, device=greedy_rows.device)
-        greedy = torch.tensor(self.greedy, device=greedy_rows.device) if self.greedy else sampled
-        return torch.where(greedy_rows.view(-1, 1), greedy, sampled)
+        # Built once per device (and again if a set is replaced): twice a round, two small host
+        # tensors were a measurable part of the scheduler's share at 1 request.
+        key = (greedy_rows.device, tuple(self.sampled or ()), tuple(self.greedy or ()))
+        if self._table is None or self._table[0] != key:
+            sampled = self.sampled or [1.0] * self.gamma
+            self._table = (key, torch.tensor([sampled, self.greedy or sampled], device=greedy_rows.device))
+        return self._table[1][greedy_rows.long()]
 
     def confidence(self, logits: torch.Tensor, greedy_rows: torch.Tensor) -> torch.Tensor:
         """logits [R, gamma] raw confidence logits -> c_k [R, gamma] in (0, 1)."""

@@ -316,14 +316,15 @@ class RoundPlanner:
         # biased up, and where the true gain is a few percent (SmolLM2 at 4-8 requests on 2 cores)
         # drafting on an estimated 3 % gain lost 5 % in practice. Where drafting pays, it pays by more.
         plain = self.sps(num, context_len, with_draft=False, on_device=False) * (1.0 + self.DRAFT_MARGIN)
-        budget = ops.plan_budget(earlier, with_draft, plain, caps_array, early_break=self.mode == "causal")
+        budget, tokens = ops.plan_budget_and_tokens(earlier, with_draft, plain, caps_array,
+                                                    early_break=self.mode == "causal")
         plain_s = 1.0 / plain[num] * (1.0 + self.DRAFT_MARGIN) if num < plain.size else None
         if budget is not None:
             if self._plain_unmeasured(num, context_len):
                 return RoundPlan(draft=False, tokens=num, seconds=plain_s, plain_seconds=plain_s)
             self._skipped, self._interval = 0, self.probe_every
-            return RoundPlan(draft=True, budget=budget, tokens=_expected_tokens(earlier, caps_array, budget, num),
-                             seconds=1.0 / priced[num + budget], plain_seconds=plain_s)
+            return RoundPlan(draft=True, budget=budget, tokens=tokens, seconds=1.0 / priced[num + budget],
+                             plain_seconds=plain_s)
         if not self._probe_due(num):
             return RoundPlan(draft=False, tokens=num, seconds=plain_s, plain_seconds=plain_s)
         best = ops.plan_budget(earlier, with_draft, None, caps_array)
