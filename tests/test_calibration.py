@@ -1,9 +1,50 @@
 """Calibration metrics against hand-computed values; STS fixes a known miscalibration."""
+import numpy as np
 import pytest
 import torch
 
+from dspark.scheduling.acceptance import MarginEstimator
 from dspark.scheduling.calibration import (OnlineCalibration, StsTemperatures, auroc, brier, calibration_report,
                                            cumulative_survival, expected_calibration_error, fit_sts, survival_labels)
+
+
+def test_all_greedy_confidence_equals_the_per_row_choice():
+    """The host's all-greedy hint skips the sampled map; the result must be what the per-row
+    choice gives, for the online maps (refitted apart) and for plain STS."""
+    gamma = 4
+    calibration = OnlineCalibration(StsTemperatures(gamma, sampled=[1.5, 1.2, 1.0, 0.8], greedy=[0.7, 0.9, 1.1, 1.3]))
+    calibration.models[True].weights[:] = 0.6
+    calibration.models[True].bias[:] = -0.4
+    logits = torch.randn(5, gamma)
+    greedy = torch.ones(5, dtype=torch.bool)
+    assert torch.equal(calibration.confidence(logits, greedy, all_greedy=True), calibration.confidence(logits, greedy))
+    sts = calibration.sts
+    assert torch.equal(sts.confidence(logits, greedy, all_greedy=True), sts.confidence(logits, greedy))
+    mixed = torch.tensor([True, False, True, False, False])
+    expected = torch.sigmoid(logits / torch.where(mixed[:, None], torch.tensor(sts.greedy), torch.tensor(sts.sampled)))
+    assert torch.allclose(sts.confidence(logits, mixed), expected)
+    sts.greedy = [2.0] * gamma                           # a replaced set is picked up, not the cached table
+    assert torch.allclose(sts.confidence(logits, greedy), torch.sigmoid(logits / 2.0))
+
+
+def test_a_refit_waits_for_enough_new_rows_after_the_early_ones():
+    """One row a round (1 request): after the early refits, refit_rows = 32 spaces refits 32
+    rounds apart where refit_every = 8 alone would refit every 8; 16 rows a round refit every 8."""
+    def refit_rounds(rows_per_round, refit_rows):
+        estimator = MarginEstimator(4, refit_every=8, min_rows=1, refit_rows=refit_rows)
+        rng = np.random.default_rng(0)
+        rounds = []
+        for round_index in range(100):
+            features = rng.normal(size=(rows_per_round, 4, 1))
+            if estimator.observe(features, np.full(rows_per_round, 4), rng.integers(0, 5, rows_per_round)):
+                rounds.append(round_index)
+        return rounds
+
+    early = MarginEstimator.EARLY_REFITS
+    assert np.all(np.diff(refit_rounds(1, 0)[early:]) == 8)
+    assert np.all(np.diff(refit_rounds(1, 32)[early:]) == 32)
+    assert np.all(np.diff(refit_rounds(16, 32)[early:]) == 8)
+    assert refit_rounds(1, 32)[:early] == list(range(early))
 
 
 def test_metrics_hand_computed():

@@ -528,6 +528,25 @@ def deliver(planner, requests, rounds, delivered=1.0, confidence=0.9):
     return plans
 
 
+def test_budget_lengths_known_on_the_host_equal_the_device_schedule():
+    """One request's budget is its first K positions, and a budget covering every admissible
+    position admits them all: the planner answers those on the host. Against the backend's top-K
+    over random confidences, caps (past gamma and negative too) and every budget."""
+    from dspark.scheduling.planner import RoundPlan, verify_lengths
+
+    generator, backend, gamma = torch.Generator().manual_seed(5), Backend(), 5
+    planner = RoundPlanner("budget", linear_cost(0.0005), gamma, "cpu")
+    for _ in range(60):
+        requests = int(torch.randint(1, 4, (1,), generator=generator))
+        confidence = torch.rand(requests, gamma, generator=generator)
+        caps = torch.randint(-1, gamma + 3, (requests,), generator=generator).tolist()
+        for budget in range(0, requests * gamma + 3):
+            lens, total = planner.verify_lengths(backend, RoundPlan(draft=True, budget=budget), confidence, caps, 0)
+            device, _ = verify_lengths("budget", backend, confidence,
+                                       torch.tensor(caps).clamp(max=gamma), budget=budget)
+            assert lens.tolist() == device.tolist() and total == int(device.sum())
+
+
 def test_drafting_that_delivers_less_than_planned_stops_and_is_retried_later():
     """At 4 requests the plan expects drafting to pay by ~12 % (confidence 0.9, verify 3 ms + 1 ms
     per token, draft 0.5 ms) and over the 5 % margin, so it drafts every round. Where the drafted
@@ -698,7 +717,7 @@ def test_bench_concurrency_section_sets_online_frozen_and_calibrated_side_by_sid
 
     models = harness.Models.load(reference_model_dir("target"), {name: reference_model_dir(name)
                                                                  for name in ("dspark", "dflash")}, backend="cpu")
-    settings = replace(harness.QUICK, concurrency=[2], max_new_tokens=4, fixed_lengths=[3], repeats=1,
+    settings = replace(harness.QUICK, concurrency=[2], max_new_tokens=4, fixed_lengths=[3], repeats=2,
                        calibrated_out=str(tmp_path / "calibrated.yaml"))
     ledger = harness.LosslessLedger(models)
     [row] = harness.run_concurrency(models, {"chat": ["What is 2 + 2?", "Name a colour."]}, settings, ledger,
@@ -710,12 +729,29 @@ def test_bench_concurrency_section_sets_online_frozen_and_calibrated_side_by_sid
     assert all(0 < share < 1 for share in row["scheduler_share"].values())
     assert CostModel.from_yaml(tmp_path / "calibrated.yaml").meta["estimator"] == "online"
     assert ledger.summary()["mismatches"] == 0
-    assert set(row["in_flight"]) == {label for label in row if isinstance(row[label], float)}
+    timed = {label for label in row if isinstance(row[label], float)}
+    # every repeat of every configuration is checked against plain decoding's first (2 prompts each)
+    assert ledger.summary()["outputs_compared"] == 2 * (2 * len(timed) - 1)
+    assert set(row["in_flight"]) == timed
     assert all(rate > 0 for rate in row["in_flight"].values())
-    assert set(row["runs"]) == set(row["in_flight"]) and all(len(r["seconds"]) == 1 for r in row["runs"].values())
+    assert set(row["runs"]) == set(row["in_flight"]) and all(len(r["seconds"]) == 2 for r in row["runs"].values())
     table = "\n".join(concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 4}}))
     assert "budget, calibrated" in table and "Scheduler share of round time" in table
     assert "While all requests are in flight" in table and "The whole closed batch" in table
+
+
+def test_concurrency_table_header_names_only_the_timed_modes():
+    """`dspark bench --modes fixed,budget` times no threshold, causal, frozen or calibrated runs:
+    the header must not describe them."""
+    from dspark.bench.report import concurrency_table
+
+    row = {"concurrency": 2, "no speculation": 30.0, "fixed 3": 28.0, "budget": 31.0}
+    header = concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 8}})[0]
+    assert "budget learns the device's costs online" in header
+    assert not any(word in header for word in ("threshold", "causal", "frozen", "calibrate"))
+    row.update({"causal": 29.0, "budget, frozen prior": 30.5, "budget, calibrated": 30.8})
+    header = concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 8}})[0]
+    assert "causal / budget learn" in header and "frozen prior" in header and "dspark calibrate" in header
 
 
 def test_round_robin_rotates_so_every_configuration_runs_first_once():

@@ -564,25 +564,27 @@ def run_concurrency(models: Models, sets: dict, settings: BenchSettings, ledger:
     for concurrency in settings.concurrency:
         prompts = concurrency_prompts(pool, concurrency)
         config = dict(max_batch_size=concurrency, max_model_len=max(len(p) for p in prompts) + n + settings.block_size + 2)
-        seconds, outputs, shares = {label: [] for label, _, _ in modes}, {}, {}
-        in_flight = {label: [] for label, _, _ in modes}
+        seconds, outputs, shares, in_flight = ({label: [] for label, _, _ in modes} for _ in range(4))
         for repeat in range(settings.repeats):
             for label, draft, options in rotated(modes, repeat):
                 engine = models.engine(draft, **config, **options)
                 started = time.perf_counter()
-                outputs[label] = [o.token_ids for o in engine.generate(prompts, _greedy(n, concurrency, ignore_eos=True))]
+                outputs[label].append([o.token_ids for o in engine.generate(prompts,
+                                                                             _greedy(n, concurrency, ignore_eos=True))])
                 seconds[label].append(time.perf_counter() - started)
                 in_flight[label].append(in_flight_rate(engine.round_log, concurrency))
                 if engine.draft is not None:
-                    shares[label] = _scheduler_share(engine)
+                    shares[label].append(_scheduler_share(engine))
                 del engine
                 gc.collect()
         row = {"concurrency": concurrency}
-        for label in seconds:
-            if label != "no speculation":
-                ledger.check(f"concurrency/{concurrency}/{label}", prompts, outputs["no speculation"], outputs[label])
-            row[label] = sum(len(o) for o in outputs[label]) / statistics.median(seconds[label])
-        row["scheduler_share"] = shares
+        reference = outputs["no speculation"][0]
+        for label in seconds:                       # every repeat's outputs, not only the last one's
+            for repeat, run in enumerate(outputs[label]):
+                if label != "no speculation" or repeat > 0:
+                    ledger.check(f"concurrency/{concurrency}/{label}/repeat {repeat}", prompts, reference, run)
+            row[label] = sum(len(o) for o in outputs[label][-1]) / statistics.median(seconds[label])
+        row["scheduler_share"] = {label: statistics.median(values) for label, values in shares.items() if values}
         row["in_flight"] = {label: statistics.median(rates) for label, rates in in_flight.items()
                             if rates and None not in rates}
         # Every repeat's own numbers, in run order: on a noisy machine the medians hide how far

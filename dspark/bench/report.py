@@ -148,9 +148,7 @@ def concurrency_table(results: dict) -> list:
     modes = _modes(rows[0])
     steady = _in_flight_rows(rows)
     tokens = results["settings"]["max_new_tokens"]
-    lines = [f"### Tokens/s vs concurrency (greedy, exactly {tokens} new tokens per request; threshold / causal / "
-             "budget learn the device's costs online from the analytic prior, \"frozen prior\" keeps the prior, "
-             "\"calibrated\" a `dspark calibrate` profile)", ""]
+    lines = [f"### Tokens/s vs concurrency (greedy, exactly {tokens} new tokens per request{_mode_notes(modes)})", ""]
     if steady:
         lines += ["While all requests are in flight (from the first round to the last one that carries every "
                   "request: what a server that refills freed slots sees):", ""]
@@ -159,6 +157,18 @@ def concurrency_table(results: dict) -> list:
                   "requests first and the last rounds carry fewer requests):", ""]
     lines += _rate_table(rows, modes) + [""] + _concurrency_goals(rows, modes) + _scheduler_share_table(rows)
     return lines
+
+
+def _mode_notes(modes: list) -> str:
+    """What the timed load-aware configurations price rounds with, naming only those timed."""
+    learning = [mode for mode in ("threshold", "causal", "budget", "DFlash budget (margin)") if mode in modes]
+    notes = [f"{' / '.join(learning)} learn{'s' if len(learning) == 1 else ''} the device's costs online from "
+             "the analytic prior"] if learning else []
+    if "budget, frozen prior" in modes:
+        notes.append("\"frozen prior\" keeps the prior")
+    if "budget, calibrated" in modes:
+        notes.append("\"calibrated\" a `dspark calibrate` profile")
+    return "; " + ", ".join(notes) if notes else ""
 
 
 def _in_flight_rows(rows: list) -> Optional[list]:

@@ -687,7 +687,7 @@ class Engine:
             if proposal.confidence_logits is None:
                 return None, None
             calibrated = self.calibration or self.sts
-            return calibrated.confidence(proposal.confidence_logits, sampling[0] == 0), None
+            return calibrated.confidence(proposal.confidence_logits, sampling[0] == 0, hints["all_greedy"]), None
         if proposal.logits is not None:             # the draft's own certainty, at every temperature
             margin = logit_margin(proposal.logits)
         elif hints["all_greedy"]:                   # one-hot rows: every margin is the cap, skip the top-k

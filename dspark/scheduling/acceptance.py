@@ -71,6 +71,9 @@ class MarginEstimator:
     num_features   1 (margin) or 2 (margin and the confidence head's raw logit)
     window         rows kept per position (sliding: old rows leave as new ones arrive)
     refit_every    rounds between refits (after the first EARLY_REFITS, which come a round apart)
+    refit_rows     ... and, after those, rows reached at the first position since the last refit
+                   (0: rounds alone decide); at 1 request a round brings one row, and a refit
+                   every 8 rows cost more than the fit could gain
     warmup_refits  refits whose rows come from whole-block verification
     initial        the acceptance rate before the first fit (weights 0) ...
     initial_weight ... or, with a nonzero weight, the map to start from: sigmoid(w * f + 0), e.g.
@@ -82,9 +85,10 @@ class MarginEstimator:
 
     def __init__(self, gamma: int, num_features: int = 1, window: int = 4096, refit_every: int = 8,
                  warmup_refits: int = 2, min_rows: int = 16, ridge: float = 1e-2, initial: float = 0.5,
-                 initial_weight: float = 0.0):
+                 initial_weight: float = 0.0, refit_rows: int = 0):
         self.gamma, self.num_features = gamma, num_features
         self.window, self.refit_every, self.warmup_refits = window, refit_every, warmup_refits
+        self.refit_rows, self._new_rows = refit_rows, 0
         self.min_rows, self.ridge = min_rows, ridge
         self.weights = np.full((gamma, num_features), float(initial_weight))
         self.bias = np.full(gamma, 0.0 if initial_weight else float(np.log(initial / (1 - initial))))
@@ -126,13 +130,16 @@ class MarginEstimator:
                 while self._counts[k] - len(self._rows[k][0][1]) >= self.window:
                     self._counts[k] -= len(self._rows[k].popleft()[1])
         self.rounds += 1
+        self._new_rows += int(reached[:, 0].sum())
         # The first EARLY_REFITS fits come as soon as there are rows enough (a round each), so a
-        # wrong start is corrected within a few rounds; then every `refit_every` rounds.
+        # wrong start is corrected within a few rounds; then every `refit_every` rounds (and
+        # `refit_rows` new rows).
         early = self.refits < self.EARLY_REFITS
-        if self._counts[0] < self.min_rows or (not early and self.rounds - self._last_refit < self.refit_every):
+        due = self.rounds - self._last_refit >= self.refit_every and self._new_rows >= self.refit_rows
+        if self._counts[0] < self.min_rows or not (early or due):
             return False
         self.refit()
-        self._last_refit = self.rounds
+        self._last_refit, self._new_rows = self.rounds, 0
         return True
 
     def refit(self) -> None:

@@ -111,11 +111,12 @@ class OnlineCalibration:
 
         c_k = sigmoid(a_k * z_k / T_k + b_k),     starting at a = 1, b = 0 (the stored STS),
 
-    is refitted every `refit_every` rounds from verified rounds (dspark.scheduling.acceptance's
-    estimator with the one feature z_k / T_k). It starts calibrated, so it needs no rounds of
-    whole blocks: the planner's choice of which positions to verify depends on the feature
-    alone, which leaves the fit of P(accept | feature) unbiased. Lossless: the maps change only
-    from finished rounds; the engine never rewrites the draft's stored temperatures.
+    is refitted every `refit_every` rounds that brought 4 x `refit_every` rows, from verified
+    rounds (dspark.scheduling.acceptance's estimator with the one feature z_k / T_k). It starts
+    calibrated, so it needs no rounds of whole blocks: the planner's choice of which positions
+    to verify depends on the feature alone, which leaves the fit of P(accept | feature)
+    unbiased. Lossless: the maps change only from finished rounds; the engine never rewrites the
+    draft's stored temperatures.
     """
 
     def __init__(self, sts: "StsTemperatures", refit_every: int = 8, window: int = 4096):
@@ -125,16 +126,20 @@ class OnlineCalibration:
         # Pulled towards the identity (as if by 8 rows that agree with it), a fit needs few rows:
         # a round at 4 requests gives 4.
         self.models = {greedy: MarginEstimator(sts.gamma, num_features=1, window=window, refit_every=refit_every,
-                                               warmup_refits=0, min_rows=4, ridge=8.0, initial_weight=1.0)
+                                               warmup_refits=0, min_rows=4, ridge=8.0, initial_weight=1.0,
+                                               refit_rows=4 * refit_every)
                        for greedy in (False, True)}
 
     def features(self, logits: torch.Tensor, greedy_rows: torch.Tensor) -> torch.Tensor:
         """[R, gamma] raw head logits -> [R, gamma, 1] STS-scaled logits."""
         return (logits.float() / self.sts.temperatures(greedy_rows)).unsqueeze(-1)
 
-    def confidence(self, logits: torch.Tensor, greedy_rows: torch.Tensor) -> torch.Tensor:
-        """[R, gamma] raw head logits -> c_k [R, gamma] (on the logits' device)."""
+    def confidence(self, logits: torch.Tensor, greedy_rows: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
+        """[R, gamma] raw head logits -> c_k [R, gamma] (on the logits' device). `all_greedy`, when
+        the host knows every row is greedy, skips the sampled map (no device check of the rows)."""
         features = self.features(logits, greedy_rows)
+        if all_greedy:
+            return self.models[True].confidence(features)
         greedy, sampled = (self.models[kind].confidence(features) for kind in (True, False))
         return torch.where(greedy_rows.unsqueeze(1), greedy, sampled)
 
@@ -177,6 +182,7 @@ class StsTemperatures:
             self._table = (key, torch.tensor([sampled, self.greedy or sampled], device=greedy_rows.device))
         return self._table[1][greedy_rows.long()]
 
-    def confidence(self, logits: torch.Tensor, greedy_rows: torch.Tensor) -> torch.Tensor:
-        """logits [R, gamma] raw confidence logits -> c_k [R, gamma] in (0, 1)."""
+    def confidence(self, logits: torch.Tensor, greedy_rows: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
+        """logits [R, gamma] raw confidence logits -> c_k [R, gamma] in (0, 1) (`all_greedy`: as
+        OnlineCalibration.confidence's; the temperature table already picks per row)."""
         return torch.sigmoid(logits.float() / self.temperatures(greedy_rows))

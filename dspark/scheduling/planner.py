@@ -369,11 +369,23 @@ class RoundPlanner:
     def verify_lengths(self, backend, plan: RoundPlan, confidence: Optional[torch.Tensor], caps: list,
                        context_len: int) -> tuple[torch.Tensor, Optional[int]]:
         """This round's verify lengths [R] (device) and, when known without a sync, their sum."""
-        caps_tensor = torch.tensor(caps, dtype=torch.long, device=self.device).clamp(min=0)
+        caps = [max(0, min(cap, self.gamma)) for cap in caps]
+        lens = None
         if self.mode == "fixed" or plan.full:        # known on the host: no device work at all
             length = self.gamma if self.verify_len is None or plan.full else self.verify_len
-            lens = [max(0, min(length, cap)) for cap in caps]
+            lens = [min(length, cap) for cap in caps]
+        elif self.mode == "budget" and confidence is not None and plan.budget is not None:
+            # Known on the host as well: one request's K best survivals are its first K positions
+            # (survival never rises along a row; ties go to the earlier position), and a budget
+            # that covers every admissible position admits them all. At 1 request the top-K ops
+            # were a sixth of the scheduler's share of round time.
+            if len(caps) == 1:
+                lens = [min(plan.budget, caps[0])]
+            elif plan.budget >= sum(caps):
+                lens = caps
+        if lens is not None:
             return torch.tensor(lens, dtype=torch.long, device=self.device), sum(lens)
+        caps_tensor = torch.tensor(caps, dtype=torch.long, device=self.device)
         sps = self.sps(len(caps), context_len) if self.mode == "causal" else None
         lens, _ = verify_lengths(self.mode, backend, confidence, caps_tensor, threshold=self.threshold, sps=sps,
                                  budget=plan.budget)
