@@ -199,9 +199,12 @@ class RoundPlanner:
     OUTCOME_DECAY = 0.9
     # What delivered rounds say about the plan's own predictions (see the module docstring): the
     # evidence of a load fades by REALIZED_DECAY per round run at it (~30 rounds speak) and is
-    # weighed against REALIZED_PRIOR rounds at the plan's word.
+    # weighed against REALIZED_PRIOR request-rounds at the plan's word. Counted in requests, not
+    # rounds: a round's emitted tokens are a sum over its requests, and at 1 request (1 to 8
+    # tokens a round) a prior of 3 rounds let an unlucky streak of a DFlash draft stop drafting
+    # that paid 1.15x; at 4 requests it is 3 rounds, at 16 and more one round outweighs it.
     REALIZED_DECAY = 0.97
-    REALIZED_PRIOR = 3.0
+    REALIZED_PRIOR = 12.0
 
     def __init__(self, mode: str, cost, gamma: int, device, lag: int = 2, probe_every: int = 16,
                  max_probe_every: int = 128, verify_len: Optional[int] = None, threshold: float = 0.5,
@@ -228,7 +231,7 @@ class RoundPlanner:
         # Per load bucket, decayed sums over delivered rounds: drafted [count, tokens, planned
         # tokens, seconds, planned seconds], then plain [count, seconds, planned seconds].
         self._realized: dict = {}
-        self._last: Optional[tuple] = None             # (the plan of the round in flight, its load bucket)
+        self._last: Optional[tuple] = None             # (the plan of the round in flight, its load bucket, R)
 
     @property
     def load_aware(self) -> bool:
@@ -254,38 +257,31 @@ class RoundPlanner:
     def before_round(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         """Whether this round drafts, and its budget: from history only, before the draft runs."""
         plan = self._plan(keys, caps, context_len)
-        self._last = (plan, _load_bucket(len(keys)))
+        self._last = (plan, _load_bucket(len(keys)), len(keys))
         return plan
 
     def observe_round(self, tokens: float, seconds: float) -> None:
         """What the round planned last delivered: tokens emitted (every request's accepted drafts
-        plus one) and its measured seconds. Rounds the plan did not price (fixed and threshold
-        modes, an estimator's whole blocks) teach nothing."""
-        plan, load = self._last or (None, None)
+        plus one) and its measured seconds. Only drafted rounds the plan priced teach (fixed and
+        threshold modes, an estimator's whole blocks do not); their seconds are the cost model's
+        to learn (`_learn_costs`), so only the tokens are judged here."""
+        plan, load, requests = self._last or (None, None, 0)
         self._last = None
         if plan is None or plan.seconds is None or plan.full:
             return
-        sums = self._realized.setdefault(load, np.zeros(8))
+        sums = self._realized.setdefault(load, np.zeros(3))
         sums *= self.REALIZED_DECAY
         if plan.draft:
-            sums[:5] += (1.0, tokens, plan.tokens, seconds, plan.seconds)
-        else:
-            sums[5:] += (1.0, seconds, plan.seconds)
+            sums += (requests, tokens, plan.tokens)
 
     def realized_ratio(self, num_requests: int) -> float:
-        """How drafted rounds at this load delivered against their plan, over how plain rounds
-        did: (tokens / planned tokens) x (planned seconds / seconds) for each, each shrunk towards
-        1 by count / (count + REALIZED_PRIOR). 1.0 without evidence."""
+        """How many tokens drafted rounds at this load emitted over how many their plans expected,
+        shrunk towards 1 by n / (n + REALIZED_PRIOR) for n request-rounds of evidence; 1.0 without."""
         sums = self._realized.get(_load_bucket(num_requests))
-        if sums is None:
+        if sums is None or sums[0] <= 0:
             return 1.0
-        drafted_n, tokens, planned_tokens, seconds, planned_s, plain_n, plain_s, plain_planned = sums
-        ratio = 1.0
-        if drafted_n > 0:
-            ratio *= (tokens / planned_tokens * planned_s / seconds) ** (drafted_n / (drafted_n + self.REALIZED_PRIOR))
-        if plain_n > 0:
-            ratio /= (plain_planned / plain_s) ** (plain_n / (plain_n + self.REALIZED_PRIOR))
-        return float(ratio)
+        count, tokens, planned = sums
+        return float((tokens / planned) ** (count / (count + self.REALIZED_PRIOR)))
 
     def _plan(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         if self.mode != "fixed" and self.estimator is not None and self.estimator.needs_full_blocks:
