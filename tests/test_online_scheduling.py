@@ -569,26 +569,29 @@ def test_drafting_that_delivers_less_than_planned_stops_and_is_retried_later():
 
 def test_the_engine_reports_each_round_it_ran_to_the_planner():
     """What the planner learns from is what the round log records: every request's accepted drafts
-    plus one, and the round's measured seconds, against the plan it made for that round."""
+    plus one, and the round's measured seconds, against the plan it made for that round (none for
+    the optimistic first round, planned before any block was seen)."""
     engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir("dspark"),
                                            backend="cpu", max_batch_size=2, max_model_len=160, schedule="budget")
     reported, observe_round = [], engine.planner.observe_round
 
     def spy(tokens, seconds):
-        reported.append((engine.planner._last[0], tokens, seconds))
+        reported.append((engine.planner._last[0] if engine.planner._last else None, tokens, seconds))
         observe_round(tokens, seconds)
 
     engine.planner.observe_round = spy
     engine.generate([[5, 6, 7], [9, 10]], dspark.SamplingParams(max_new_tokens=40, ignore_eos=True))
     rounds = [record for record in engine.round_log if "round_s" in record]
     assert len(reported) == len(rounds) > 10
+    assert reported[0][0] is None            # the optimistic first round (no block seen yet) is not judged
     for (plan, tokens, seconds), record in zip(reported, rounds):
         assert tokens == record["requests"] + int(record["accepted"].sum()) and seconds == record["round_s"]
-        assert plan.draft == record["drafted"]
-        if plan.seconds is not None:
-            assert record["planned"] == (plan.tokens, plan.seconds, plan.plain_seconds)
-    assert any(plan.draft for plan, _, _ in reported)
-    assert sum(sums[0] + sums[5] for sums in engine.planner._realized.values()) > 0
+        if plan is not None:
+            assert plan.draft == record["drafted"]
+            if plan.seconds is not None:
+                assert record["planned"] == (plan.tokens, plan.seconds, plan.plain_seconds)
+    assert any(plan is not None and plan.draft for plan, _, _ in reported)
+    assert sum(sums[0] for sums in engine.planner._realized.values()) > 0     # drafted rounds were judged
 
 
 @pytest.mark.parametrize("prior_draft_s", [0.004, 0.2])

@@ -256,8 +256,9 @@ class RoundPlanner:
 
     def before_round(self, keys: list, caps: list, context_len: int) -> RoundPlan:
         """Whether this round drafts, and its budget: from history only, before the draft runs."""
+        judged = self._recorded       # the optimistic start (no block seen yet) is a placeholder, not a plan
         plan = self._plan(keys, caps, context_len)
-        self._last = (plan, _load_bucket(len(keys)), len(keys))
+        self._last = (plan, _load_bucket(len(keys)), len(keys)) if judged else None
         return plan
 
     def observe_round(self, tokens: float, seconds: float) -> None:
