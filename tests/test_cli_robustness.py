@@ -424,12 +424,22 @@ def test_a_reader_that_leaves_ends_the_stream_quietly(target):
 
 
 def test_ctrl_c_during_start_up_is_one_line(target):
-    for delay in (0.4, 1.2):
+    """Ctrl-C while Python imports (0.4 s in), while the target loads and while it generates. The
+    last two wait for the line that starts that phase: a fixed 1.2 s delay came after the end of
+    the whole run on a fast machine (240 tokens in 0.67 s)."""
+    for when in (0.4, "loading target", "ready in"):
         process = subprocess.Popen([sys.executable, "-m", "dspark", *GENERATE_LONG, "--target", target],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-        time.sleep(delay)
+        seen = ""
+        if isinstance(when, float):
+            time.sleep(when)
+        else:
+            while when not in seen:
+                line = process.stderr.readline().decode()
+                assert line, f"the run ended before {when!r}:\n{seen}"
+                seen += line
         process.send_signal(signal.SIGINT)
-        stderr = process.stderr.read().decode()
+        stderr = seen + process.stderr.read().decode()
         code = process.wait(timeout=60)
-        assert "Traceback" not in stderr, f"after {delay} s:\n{stderr}"
+        assert "Traceback" not in stderr, f"at {when!r}:\n{stderr}"
         assert code == 130 and stderr.strip().splitlines()[-1] == "dspark: interrupted", stderr
