@@ -18,8 +18,9 @@ Learning while serving: every round is timed (the backend's step timer: host tim
 CPU, device events elsewhere, read after the round's own sync) and feeds the online cost model
 (`engine.cost_model`, dspark.scheduling.online_cost) the planner prices rounds with; for a draft
 without a confidence head the load-aware schedules take confidences from a margin estimator
-(`engine.estimator`, dspark.scheduling.acceptance) refitted from verified rounds. Both change
-only between rounds, from finished ones.
+(`engine.estimator`, dspark.scheduling.acceptance) refitted from verified rounds, and the
+planner compares the tokens each drafted round emitted with what it had planned (its realized
+ratio, `RoundPlanner.observe_round`). All of them change only between rounds, from finished ones.
 Synchronisation: the host must know the *total* number of verify tokens to lay out the
 step; where each request's share lives is computed on the device. "fixed" and "budget"
 know it on the host in advance, so their only device->host copy is the commit; "threshold"

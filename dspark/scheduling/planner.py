@@ -34,33 +34,19 @@ The mirror case: with a learning cost model, a round at a load and context whose
 never timed decodes plainly (twice), so drafting is never chosen against an extrapolated plain
 cost.
 
-What the rounds it chose delivered: the plan's expected tokens and seconds are biased where it
-drafts, because it drafts exactly where an estimate looks good (the winner's curse, on the
-acceptance side and on the cost side alike). On SmolLM2 at 4 requests on 2 cores, the drafted
-rounds emitted 0.88x the tokens they were planned for and cost 1.05x their planned seconds, so
-a planned gain of 1.16 over plain decoding was 0.84 in fact. So the engine reports every round
-it ran (`observe_round`: tokens emitted, seconds), and per load (power-of-two bucket of the
-request count) the planner keeps decayed sums of what drafted rounds (probes included) and plain
-rounds delivered against what was planned for them. Their ratio, the realized-over-planned rate
-of drafting over that of plain decoding, shrunk towards 1 while its evidence is thin, scales the
-drafted side of the comparison. The sums fade with every round at that load, so evidence that
+What the rounds it chose delivered: the plan's expected tokens are biased where it drafts,
+because it drafts exactly where an estimate looks good (the winner's curse). On SmolLM2 at 4
+requests on 2 cores, the drafted rounds emitted 0.56-0.88x the tokens they were planned for, so
+a planned gain of 1.16-1.7 over plain decoding was 0.74-1.09 in fact. So the engine reports every
+round it ran (`observe_round`: tokens emitted, seconds), and per load (power-of-two bucket of the
+request count) the planner keeps decayed sums of the tokens its drafted rounds (probes included)
+emitted and of the tokens their plans expected. Their ratio, shrunk towards 1 while its evidence
+(counted in request-rounds) is thin, scales the drafted side of the comparison. Seconds are not
+judged: the cost model learns them from the same rounds, and judging them here too counted the
+machine's slow stretches twice. The sums fade with every round at that load, so evidence that
 drafting lost ages out and the model's own word returns: a load where drafting lost is re-tried
-after a while, never locked out. Lossless: only finished rounds feed it.
-
-What the budget is planned from: a request's confidences `lag` drafted rounds back, shrunk
-towards the running mean by the slope a block's confidences have on that history (learned
-online, `shrink`): history two rounds old predicts little, and planning from it raw drafted
-whenever a past block had looked lucky. A history older than `lag` + 1 rounds gives way to the
-running mean.
-
-What a request's own verified rounds add: the head's confidences are calibrated on the population,
-but one request's text can sit far from it (on SmolLM2, a prose answer accepted 1 of 33 drafted
-pairs the head rated at about 0.3). So each request keeps a decayed count of its accepted drafts
-and of the confidences that predicted them, over the positions its rounds verified, and the
-planner scales the request's planning confidences by (accepted + k) / (predicted + k), k =
-`OUTCOME_PRIOR` expected accepts: a new request plans from the head alone, and a request whose
-drafts keep failing stops drafting after some rounds (probes keep testing it). Lossless: the
-counts come from finished rounds only.
+after a while, never locked out. The first round, planned from the optimistic start before any
+block was seen, is not judged. Lossless: only finished rounds feed it.
 """
 from collections import deque
 from dataclasses import dataclass
