@@ -416,10 +416,12 @@ def linear_cost(draft_s: float) -> CostModel:
                      draft_seconds=[draft_s, draft_s])
 
 
-def play(planner, requests, rounds, confidence=0.9, cost=None, truth=None):
+def play(planner, requests, rounds, confidence=0.9, cost=None, truth=None, delivered=None):
     """Rounds of `requests` requests whose drafts all have this confidence (the history starts with
     it); returns each round's plan. With an OnlineCostModel `cost`, it learns each round's `truth`
-    times (what the engine measures)."""
+    times (what the engine measures). With `delivered`, every plan costs exactly its planned
+    seconds and a drafted round emits `delivered` x the extra tokens it was planned for (1.0: the
+    plan is right), reported to the planner as the engine reports a round."""
     keys, caps, plans, backend = list(range(requests)), [planner.gamma] * requests, [], Backend()
     conf = torch.full((requests, planner.gamma), confidence, dtype=torch.float64)
     planner.record(keys, conf)
@@ -435,6 +437,8 @@ def play(planner, requests, rounds, confidence=0.9, cost=None, truth=None):
         if cost is not None:
             cost.observe(requests, tokens, 0, truth.verify_time(tokens, 0, requests),
                          truth.draft_time(len(rows)) if plan.draft else None, draft_requests=len(rows))
+        if delivered is not None:
+            planner.observe_round(requests + delivered * (plan.tokens - requests), plan.seconds)
     return plans
 
 
@@ -511,42 +515,6 @@ def test_outcome_counts_cover_only_the_positions_a_round_tested():
     assert planner.outcome_ratios([7]) == pytest.approx([1.0])
 
 
-def deliver(planner, requests, rounds, delivered=1.0, confidence=0.9):
-    """Rounds where every plan costs exactly its planned seconds, and a drafted round emits
-    `delivered` x the extra tokens it was planned for (1.0: the plan is right); returns the plans."""
-    keys, caps, plans, backend = list(range(requests)), [planner.gamma] * requests, [], Backend()
-    conf = torch.full((requests, planner.gamma), confidence, dtype=torch.float64)
-    planner.record(keys, conf)
-    for _ in range(rounds):
-        plan = planner.before_round(keys, caps, 0)
-        plans.append(plan)
-        if plan.draft:
-            rows = plan.rows if plan.rows is not None else keys
-            planner.verify_lengths(backend, plan, conf[rows], [caps[i] for i in rows], 0)
-            planner.record([keys[i] for i in rows], conf[rows])
-        planner.observe_round(requests + delivered * (plan.tokens - requests), plan.seconds)
-    return plans
-
-
-def test_budget_lengths_known_on_the_host_equal_the_device_schedule():
-    """One request's budget is its first K positions, and a budget covering every admissible
-    position admits them all: the planner answers those on the host. Against the backend's top-K
-    over random confidences, caps (past gamma and negative too) and every budget."""
-    from dspark.scheduling.planner import RoundPlan, verify_lengths
-
-    generator, backend, gamma = torch.Generator().manual_seed(5), Backend(), 5
-    planner = RoundPlanner("budget", linear_cost(0.0005), gamma, "cpu")
-    for _ in range(60):
-        requests = int(torch.randint(1, 4, (1,), generator=generator))
-        confidence = torch.rand(requests, gamma, generator=generator)
-        caps = torch.randint(-1, gamma + 3, (requests,), generator=generator).tolist()
-        for budget in range(0, requests * gamma + 3):
-            lens, total = planner.verify_lengths(backend, RoundPlan(draft=True, budget=budget), confidence, caps, 0)
-            device, _ = verify_lengths("budget", backend, confidence,
-                                       torch.tensor(caps).clamp(max=gamma), budget=budget)
-            assert lens.tolist() == device.tolist() and total == int(device.sum())
-
-
 def test_drafting_that_delivers_less_than_planned_stops_and_is_retried_later():
     """At 4 requests the plan expects drafting to pay by ~12 % (confidence 0.9, verify 3 ms + 1 ms
     per token, draft 0.5 ms) and over the 5 % margin, so it drafts every round. Where the drafted
@@ -554,13 +522,13 @@ def test_drafting_that_delivers_less_than_planned_stops_and_is_retried_later():
     deliver half the extra tokens (the winner's curse on SmolLM2 at 4 requests was 0.56-0.81 of
     the planned tokens), the planner stops drafting within a few rounds, and as that evidence
     fades it tries again (never locked out), drafting a small share of the rounds."""
-    right = deliver(RoundPlanner("budget", linear_cost(0.0005), 7, "cpu"), 4, 300)
+    right = play(RoundPlanner("budget", linear_cost(0.0005), 7, "cpu"), 4, 300, delivered=1.0)
     assert all(p.draft and not p.probe for p in right)
     planner = RoundPlanner("budget", linear_cost(0.0005), 7, "cpu")
     assert planner.realized_ratio(4) == 1.0                                # no evidence: the plan's word
-    wrong = deliver(planner, 4, 5, delivered=0.5)
+    wrong = play(planner, 4, 5, delivered=0.5)
     assert wrong[0].draft and not wrong[-1].draft and planner.realized_ratio(4) < 0.95
-    wrong += deliver(planner, 4, 295, delivered=0.5)
+    wrong += play(planner, 4, 295, delivered=0.5)
     drafted = [i for i, p in enumerate(wrong) if p.draft and not p.probe]
     assert any(i > 20 for i in drafted)                                    # retried after a while ...
     assert len(drafted) < 0.1 * len(wrong)                                 # ... but seldom

@@ -298,10 +298,11 @@ class RoundPlanner:
         # Drafting must beat plain decoding by DRAFT_MARGIN: the best of many noisy estimates is
         # biased up, and where the true gain is a few percent (SmolLM2 at 4-8 requests on 2 cores)
         # drafting on an estimated 3 % gain lost 5 % in practice. Where drafting pays, it pays by more.
-        plain = self.sps(num, context_len, with_draft=False, on_device=False) * (1.0 + self.DRAFT_MARGIN)
+        plain_sps = self.sps(num, context_len, with_draft=False, on_device=False)
+        plain = plain_sps * (1.0 + self.DRAFT_MARGIN)
         budget, tokens = ops.plan_budget_and_tokens(earlier, with_draft, plain, caps_array,
                                                     early_break=self.mode == "causal")
-        plain_s = 1.0 / plain[num] * (1.0 + self.DRAFT_MARGIN) if num < plain.size else None
+        plain_s = 1.0 / plain_sps[num]              # the table spans 0 .. R (gamma + 1) tokens
         if budget is not None:
             if self._plain_unmeasured(num, context_len):
                 return RoundPlan(draft=False, tokens=num, seconds=plain_s, plain_seconds=plain_s)
