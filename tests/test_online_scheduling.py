@@ -515,6 +515,25 @@ def test_outcome_counts_cover_only_the_positions_a_round_tested():
     assert planner.outcome_ratios([7]) == pytest.approx([1.0])
 
 
+def test_budget_lengths_known_on_the_host_equal_the_device_schedule():
+    """One request's budget is its first K positions, and a budget covering every admissible
+    position admits them all: the planner answers those on the host. Against the backend's top-K
+    over random confidences, caps (past gamma and negative too) and every budget."""
+    from dspark.scheduling.planner import RoundPlan, verify_lengths
+
+    generator, backend, gamma = torch.Generator().manual_seed(5), Backend(), 5
+    planner = RoundPlanner("budget", linear_cost(0.0005), gamma, "cpu")
+    for _ in range(60):
+        requests = int(torch.randint(1, 4, (1,), generator=generator))
+        confidence = torch.rand(requests, gamma, generator=generator)
+        caps = torch.randint(-1, gamma + 3, (requests,), generator=generator).tolist()
+        for budget in range(0, requests * gamma + 3):
+            lens, total = planner.verify_lengths(backend, RoundPlan(draft=True, budget=budget), confidence, caps, 0)
+            device, _ = verify_lengths("budget", backend, confidence,
+                                       torch.tensor(caps).clamp(max=gamma), budget=budget)
+            assert lens.tolist() == device.tolist() and total == int(device.sum())
+
+
 def test_drafting_that_delivers_less_than_planned_stops_and_is_retried_later():
     """At 4 requests the plan expects drafting to pay by ~12 % (confidence 0.9, verify 3 ms + 1 ms
     per token, draft 0.5 ms) and over the 5 % margin, so it drafts every round. Where the drafted
