@@ -383,6 +383,26 @@ def test_warmup_at_high_load_drafts_whole_blocks_for_a_quarter_of_the_requests()
     assert plan.full and plan.rows is None and plan.budget == 8 * gamma
 
 
+def test_warmup_drafts_no_more_requests_than_the_next_refit_waits_for():
+    """16 requests, min_rows 16: the first warm-up round drafts all 16 whole blocks; the first refit
+    follows it, and the second warm-up round (one more row wanted) drafts one request's block,
+    not 16 (on SmolLM2, 3.3 plain rounds against 1.4); then the planner schedules."""
+    gamma, cost = 4, CostModel(device="test", source="measured", verify_tokens=[1, 1024], context_lens=[0],
+                               verify_seconds=[[1.0, 8.0]], draft_requests=[1], draft_seconds=[0.1])
+    estimator = MarginEstimator(gamma, min_rows=16)
+    planner, keys, rng = RoundPlanner("budget", cost, gamma, "cpu", estimator=estimator), list(range(16)), \
+        np.random.default_rng(3)
+    sizes = []
+    while estimator.needs_full_blocks:
+        plan = planner.before_round(keys, [gamma] * 16, 0)
+        assert plan.full
+        size = 16 if plan.rows is None else len(plan.rows)
+        sizes.append(size)
+        synthetic_rounds(estimator, [[0.0]] * gamma, [0.0] * gamma, 1, size, rng)
+    assert sizes == [16, 1]
+    assert not planner.before_round(keys, [gamma] * 16, 0).full
+
+
 def test_engine_warms_the_estimator_up_on_whole_blocks_then_schedules():
     target = reference_model_dir("target")
     engine = dspark.Engine.from_pretrained(target, draft=reference_model_dir("dflash"), backend="cpu",
@@ -402,8 +422,10 @@ def test_engine_warms_the_estimator_up_on_whole_blocks_then_schedules():
     warmup = [(plan, record) for (refits, plan), record in zip(planned, engine.round_log)
               if refits < engine.estimator.warmup_refits]
     assert len(warmup) >= engine.estimator.warmup_refits
-    for plan, record in warmup:
-        assert plan.full and record["verify_lens"].tolist() == [engine.gamma] * record["requests"]
+    for plan, record in warmup:                   # the drafting requests verify whole blocks, the rest none
+        drafting = range(record["requests"]) if plan.rows is None else plan.rows
+        expected = [engine.gamma if i in drafting else 0 for i in range(record["requests"])]
+        assert plan.full and record["verify_lens"].tolist() == expected
     later = [plan for refits, plan in planned if refits >= engine.estimator.warmup_refits]
     assert later and not any(plan.full for plan in later)
 

@@ -105,6 +105,11 @@ class MarginEstimator:
         """Whether rounds should verify whole blocks (uncensored labels for the first refits)."""
         return self.refits < self.warmup_refits
 
+    @property
+    def rows_wanted(self) -> int:
+        """Rows at the first position the next refit still waits for (at least 1)."""
+        return max(self.min_rows - self._counts[0], 1)
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """features [R, gamma, F] -> acceptance logits [R, gamma] (on the features' device)."""
         if self._device_params is None or self._device_params[0].device != features.device:
