@@ -766,6 +766,26 @@ def test_concurrency_table_header_names_only_the_timed_modes():
     assert "causal / budget learn" in header and "frozen prior" in header and "dspark calibrate" in header
 
 
+def test_paired_ratio_compares_budget_with_the_best_rival_of_the_same_repeat():
+    """Plain decoding ran 100 then 140 tokens/s (the machine sped up), budget 98 then 137: the
+    medians' ratio is 0.985 (under what either repeat shows against its own best rival: 0.98 and
+    0.979 here, the fixed length winning neither), the paired ratios' median is their mean."""
+    from dspark.bench.report import _in_flight_rows, _paired_ratio, concurrency_table
+
+    runs = {"no speculation": [100.0, 140.0], "fixed 3": [90.0, 141.0], "budget": [98.0, 137.0]}
+    row = {"concurrency": 4, "runs": {label: {"seconds": [1.0, 1.0], "in_flight": rates} for label, rates in runs.items()},
+           "in_flight": {label: sum(rates) / 2 for label, rates in runs.items()},
+           **{label: 50.0 for label in runs}}
+    [steady] = _in_flight_rows([row])
+    assert _paired_ratio(steady, "budget", ["no speculation", "fixed 3"]) == pytest.approx((0.98 + 137 / 141) / 2)
+    # over the whole batch the rates come from seconds (equal here: every ratio is 1)
+    assert _paired_ratio(row, "budget", ["no speculation", "fixed 3"]) == pytest.approx(1.0)
+    table = "\n".join(concurrency_table({"concurrency": [row], "settings": {"max_new_tokens": 8}}))
+    assert "budget, paired by repeat" in table and "4: 0.98" in table
+    row["runs"]["budget"]["in_flight"] = [98.0, None]            # a repeat without an in-flight rate
+    assert _paired_ratio(_in_flight_rows([row])[0], "budget", ["no speculation", "fixed 3"]) is None
+
+
 def test_round_robin_rotates_so_every_configuration_runs_first_once():
     """Over as many repeats as configurations, each one runs at every position exactly once (plain
     decoding used to run first in every repeat, so drift within a repeat always hit the same ones)."""
