@@ -481,17 +481,25 @@ def test_planner_keeps_probing_and_follows_the_load_both_ways():
     assert not any(p.draft and not p.probe for p in heavy_again[2:])
 
 
-def test_the_optimistic_start_is_replaced_by_the_first_measured_block():
-    """Before any block, the running mean is optimistic (every draft accepted): the first round
-    drafts. Its confidences then replace the start (an EMA from 1.0 would keep new requests
-    optimistic for tens of rounds: at 0.3 acceptance, 0.93 after one block)."""
-    planner = RoundPlanner("budget", linear_cost(0.0005), 7, "cpu")
-    first = planner.before_round(list(range(4)), [7] * 4, 0)
+def test_the_neutral_start_drafts_where_drafting_pays_and_is_replaced_by_the_first_measured_block():
+    """Before any block, every confidence stands at 0.5: at 1 request (verify 3 ms + 0.1 ms a
+    token, draft 0.5 ms) a block of such drafts pays, and the first round drafts; at 64 requests
+    it does not, and the first round decodes plainly (an optimistic 1.0 drafted every request's
+    block there), then a probe comes. The first block's confidences replace the start (an EMA
+    from the start would keep new requests at it for tens of rounds), then an EMA."""
+    cost = CostModel(device="test", source="measured", verify_tokens=[1, 1024], context_lens=[0],
+                     verify_seconds=[[0.003, 0.003 + 1023e-4]], draft_requests=[1, 64], draft_seconds=[0.0005, 0.0005])
+    planner = RoundPlanner("budget", cost, 7, "cpu")
+    first = planner.before_round([0], [7], 0)
     assert first.draft and not first.probe
-    planner.record(list(range(4)), torch.full((4, 7), 0.3, dtype=torch.float64))
+    planner.record([0], torch.full((1, 7), 0.3, dtype=torch.float64))
     assert np.allclose(planner._mean, 0.3)
-    planner.record(list(range(4)), torch.full((4, 7), 0.5, dtype=torch.float64))
+    planner.record([0], torch.full((1, 7), 0.5, dtype=torch.float64))
     assert np.allclose(planner._mean, 0.34)                                # then an EMA
+    busy = RoundPlanner("budget", cost, 7, "cpu")
+    plans = [busy.before_round(list(range(64)), [7] * 64, 0) for _ in range(2)]
+    assert not plans[0].draft and plans[1].draft and plans[1].probe and len(plans[1].rows) == 16
+    assert RoundPlanner("budget", cost, 7, "cpu")._mean.tolist() == [0.5] * 7
 
 
 def test_a_request_whose_last_block_was_bad_drafts_again_when_the_population_says_so():
@@ -579,7 +587,7 @@ def test_drafting_that_delivers_less_than_planned_stops_and_is_retried_later():
 def test_the_engine_reports_each_round_it_ran_to_the_planner():
     """What the planner learns from is what the round log records: every request's accepted drafts
     plus one, and the round's measured seconds, against the plan it made for that round (none for
-    the optimistic first round, planned before any block was seen)."""
+    the first round, planned from the neutral start before any block was seen)."""
     engine = dspark.Engine.from_pretrained(reference_model_dir("target"), draft=reference_model_dir("dspark"),
                                            backend="cpu", max_batch_size=2, max_model_len=160, schedule="budget")
     reported, observe_round = [], engine.planner.observe_round
@@ -592,7 +600,7 @@ def test_the_engine_reports_each_round_it_ran_to_the_planner():
     engine.generate([[5, 6, 7], [9, 10]], dspark.SamplingParams(max_new_tokens=40, ignore_eos=True))
     rounds = [record for record in engine.round_log if "round_s" in record]
     assert len(reported) == len(rounds) > 10
-    assert reported[0][0] is None            # the optimistic first round (no block seen yet) is not judged
+    assert reported[0][0] is None            # the first round (no block seen yet) is not judged
     for (plan, tokens, seconds), record in zip(reported, rounds):
         assert tokens == record["requests"] + int(record["accepted"].sum()) and seconds == record["round_s"]
         if plan is not None:
