@@ -31,8 +31,7 @@ MODES = {
 }
 
 
-def summary(engine, requests: int, rate: float) -> list:
-    rounds = [r for r in engine.round_log if "round_s" in r and r["requests"] == requests]
+def summary(engine, rounds: list, requests: int, rate: float) -> list:
     drafted = [r for r in rounds if r["drafted"] and not r["probe"] and "planned" in r]
     plain = [r for r in rounds if not r["drafted"] and "planned" in r]
     lines = [f"{rate:.1f} tokens/s; rounds {len(rounds)}: drafted {len(drafted)}, probes "
@@ -74,9 +73,10 @@ def main() -> None:
         started = time.perf_counter()
         outputs = engine.generate(prompts, _greedy(args.max_new_tokens, args.requests, ignore_eos=True))
         rate = sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - started)
-        print(f"run {repeat}: " + "\n".join(summary(engine, args.requests, rate)))
+        rounds = [r for r in engine.round_log if "round_s" in r and r["requests"] == args.requests]
+        print(f"run {repeat}: " + "\n".join(summary(engine, rounds, args.requests, rate)))
         if args.verbose:
-            for i, r in enumerate(x for x in engine.round_log if "round_s" in x and x["requests"] == args.requests):
+            for i, r in enumerate(rounds):
                 planned = r.get("planned")
                 print(f"  {i:4d} {'P' if r['probe'] else ('D' if r['drafted'] else '.')} verify {r['verify_tokens']:4d}"
                       f" emitted {r['emitted']:4d} {r['round_s'] * 1e3:7.1f} ms" +

@@ -191,15 +191,15 @@ def _repeat_rates(row: dict) -> dict:
 
 
 def _paired_ratio(row: dict, budget: str, rivals: list) -> Optional[float]:
-    """The median over repeats of budget / max(rivals) within each repeat. A repeat runs its
-    configurations one after another in minutes, so a slow stretch of the machine hits a whole
-    repeat more evenly than the medians of separate columns (plain decoding alone moved by 37 %
-    between repeats at 8 requests)."""
+    """The median over repeats of budget / max(rivals) within each repeat; None without two
+    complete repeats. A repeat runs its configurations one after another in minutes, so a slow
+    stretch of the machine hits a whole repeat more evenly than the medians of separate columns
+    (plain decoding alone moved by 37 % between repeats at 8 requests)."""
     rates = _repeat_rates(row)
     if budget not in rates or any(label not in rates for label in rivals):
         return None
     count = min(len(rates[label]) for label in [budget] + rivals)
-    if count == 0 or any(value is None for label in [budget] + rivals for value in rates[label][:count]):
+    if count < 2 or any(value is None for label in [budget] + rivals for value in rates[label][:count]):
         return None
     return statistics.median(rates[budget][i] / max(rates[label][i] for label in rivals) for i in range(count))
 
@@ -248,7 +248,7 @@ def _concurrency_goals(rows: list, modes: list) -> list:
                      f"{_met(worst[1] >= 0.97)})" +
                      (f"; scheduler share of round time up to {max(shares):.1%} (goal < 2 %: "
                       f"{_met(max(shares) < 0.02)})" if shares else ""))
-        if all(ratio is not None for _, ratio in paired) and len(_repeat_rates(rows[0]).get(budget, [])) > 1:
+        if all(ratio is not None for _, ratio in paired):
             worst_paired = min(paired, key=lambda item: item[1])
             lines.append(f"- {budget}, paired by repeat (median over repeats of budget / the best rival in the same "
                          "repeat): " + ", ".join(f"{c}: {r:.2f}" for c, r in paired) +

@@ -49,6 +49,21 @@ machine's slow stretches twice. The sums fade with every round at that load, so 
 drafting lost ages out and the model's own word returns: a load where drafting lost is re-tried
 after a while, never locked out. Rounds planned from the neutral start (every confidence 0.5)
 before any block was seen are not judged. Lossless: only finished rounds feed it.
+
+What the budget is planned from: a request's confidences `lag` drafted rounds back, shrunk
+towards the running mean by the slope a block's confidences have on that history (learned
+online, `shrink`): history two rounds old predicts little, and planning from it raw drafted
+whenever a past block had looked lucky. A history older than `lag` + 1 rounds gives way to the
+running mean, which starts neutral (`START_CONFIDENCE`) until the first block is recorded.
+
+What a request's own verified rounds add: the head's confidences are calibrated on the population,
+but one request's text can sit far from it (on SmolLM2, a prose answer accepted 1 of 33 drafted
+pairs the head rated at about 0.3). So each request keeps a decayed count of its accepted drafts
+and of the confidences that predicted them, over the positions its rounds verified, and the
+planner scales the request's planning confidences by (accepted + k) / (predicted + k), k =
+`OUTCOME_PRIOR` expected accepts: a new request plans from the head alone, and a request whose
+drafts keep failing stops drafting after some rounds (probes keep testing it). Lossless: the
+counts come from finished rounds only.
 """
 from collections import deque
 from dataclasses import dataclass
